@@ -1,0 +1,20 @@
+"""scorefield: the physics of convolutional diffusion models, runnable, fast and testable."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import convert, data, models, sampling, schedules
+
+__version__ = "0.1.0"
+
+_LAZY = ("training", "runs", "analysis", "experiments", "checkpoints")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'scorefield' has no attribute '{name}'")
+
+
+__all__ = ["convert", "data", "models", "sampling", "schedules", *_LAZY]

@@ -1,0 +1,1 @@
+"""Analyses of denoisers and trajectories."""

@@ -1,0 +1,40 @@
+"""The `scorefield` command: thin. Each subcommand lives in `scorefield.commands.<name>` and exposes
+`register(subparsers)`; this module only discovers them, parses, and calls."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from . import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scorefield",
+        description="The physics of convolutional diffusion models: analytic local score machines, "
+                    "trained CNN denoisers, samplers and analyses. Every command writes a run directory.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:
+        # library errors carry a message meant for the user; show it without a traceback
+        print(f"scorefield {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the `scorefield` CLI: one module each, exposing register(subparsers)."""

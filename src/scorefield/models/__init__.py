@@ -1,0 +1,19 @@
+"""Everything that denoises, behind one interface (see `base.Denoiser`) and one registry (`make`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import gaussian, machines, nets  # noqa: F401  (each registers its models)
+from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
+from .registry import MODELS, ModelConfigError, available_models, make, register_model
+
+
+def load(run_dir: str | Path) -> Denoiser:
+    """The trained denoiser saved in a training run directory (safetensors weights + JSON config)."""
+    from ..checkpoints import load_denoiser
+
+    return load_denoiser(run_dir)
+
+
+__all__ = ["MODELS", "Denoiser", "DenoiserInputError", "ModelConfigError", "available_models",
+           "check_denoiser_inputs", "load", "make", "register_model"]

@@ -1,0 +1,1 @@
+"""Gaussian (free-theory) denoisers: exact posterior means for Gaussian data."""

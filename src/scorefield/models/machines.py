@@ -1,0 +1,1 @@
+"""Analytic local score machines (IS, ES, LS, ELS, bbELS, two-state tanh, patch dictionary)."""

@@ -1,0 +1,1 @@
+"""Trainable convolutional denoisers (ResNet, UNets, small ConvNet)."""

@@ -1,0 +1,38 @@
+"""Name → constructor registry behind `sf.models.make(name, data, **options)`."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..data import ImageSet
+from .base import Denoiser
+
+Builder = Callable[..., Denoiser]
+MODELS: dict[str, Builder] = {}
+
+
+class ModelConfigError(ValueError):
+    """A model was asked for with an unknown name or invalid options."""
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make `builder(data: ImageSet, **options) -> Denoiser` available as `sf.models.make(name, ...)`."""
+    def wrap(builder: Builder) -> Builder:
+        MODELS[name] = builder
+        return builder
+    return wrap
+
+
+def available_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def make(name: str, data: ImageSet, **options: Any) -> Denoiser:
+    """Build the denoiser registered as `name` for the dataset `data` (see DESIGN.md for the names)."""
+    if name not in MODELS:
+        raise ModelConfigError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+    if not isinstance(data, ImageSet):
+        raise ModelConfigError(f"make('{name}', data): data must be an sf.data.ImageSet, got {type(data).__name__}")
+    model = MODELS[name](data, **options)
+    model.config = {"name": name, **{k: v for k, v in options.items()}, **model.config}
+    return model

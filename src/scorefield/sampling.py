@@ -1,0 +1,1 @@
+"""Samplers with one signature, and the user-facing sample()."""
