@@ -1,5 +1,5 @@
 """The `scorefield` command: thin. Each subcommand lives in `scorefield.commands.<name>` and exposes
-`register(subparsers)`; this module only discovers them, parses, and calls."""
+`register(subparsers)` (modules named _* are shared helpers); this module only discovers them, parses, and calls."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "trained CNN denoisers, samplers and analyses. Every command writes a run directory.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # private helpers shared by subcommands
+            continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)
     return parser

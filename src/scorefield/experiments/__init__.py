@@ -1,1 +1,4 @@
-"""Each paper result as a function that wires the library together and writes a run directory."""
+"""Each result as a function that wires the library together and writes a run directory."""
+from .sample_run import SampleConfig, run_sampling
+
+__all__ = ["SampleConfig", "run_sampling"]

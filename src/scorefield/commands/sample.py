@@ -1,0 +1,52 @@
+"""`scorefield sample`: draw samples from any denoiser into a run directory (the main job)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..experiments.sample_run import SampleConfig, run_sampling
+from ..sampling import available_samplers
+from ..schedules import SCHEDULES
+from ._args import add_data_arguments, add_model_arguments, data_options, model_options, parse_key_values
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sample", help="sample from a denoiser (analytic machine or trained network) into a run directory",
+        description="Sample from a denoiser and write a run directory with the samples, a grid, the nearest "
+                    "training image of each sample and its distance (memorization check).")
+    add_model_arguments(p)
+    add_data_arguments(p)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    g.add_argument("--steps", type=int, default=20, help="number of steps (default 20)")
+    g.add_argument("--sampler", default="ddim", choices=available_samplers(), help="sampler (default ddim)")
+    g.add_argument("--schedule", default="cosine", choices=sorted(SCHEDULES), help="noise schedule")
+    g.add_argument("--eta", type=float, default=None, help="DDIM stochasticity η (default 0)")
+    g.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE", help="any other sampler option")
+    g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
+    g.add_argument("--labels", default=None, help="comma-separated class labels for a conditional model")
+    g.add_argument("--batch-size", type=int, default=16, help="samples per batch (each batch is saved)")
+    g.add_argument("--save-trajectory", action="store_true", help="also save x and x̂₀ at every step")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
+    o.add_argument("--name", default=None, help="run directory name (default sample-<time>)")
+    o.add_argument("--resume", default=None, metavar="RUN", help="finish an interrupted run directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    sampler_options = parse_key_values(args.sampler_opt, "--sampler-opt")
+    if args.eta is not None:
+        sampler_options["eta"] = args.eta
+    cfg = SampleConfig(
+        model=args.model, model_options=model_options(args), model_run=args.model_run,
+        data=args.data, data_options=data_options(args), n=args.n, steps=args.steps, sampler=args.sampler,
+        schedule=args.schedule, sampler_options=sampler_options, seed=args.seed,
+        labels=None if args.labels is None else [int(v) for v in args.labels.split(",")],
+        batch_size=args.batch_size, save_trajectory=args.save_trajectory)
+    run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume)
+    summary = run_dir.read_json("summary.json")
+    print(f"run directory: {run_dir.path}")
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -1,0 +1,155 @@
+"""The main job: draw samples from any denoiser into a run directory, with the memorization check.
+
+Writes config.json, environment.json, batches/batch-XXXX.npz (one per finished batch: an interrupted run
+resumes from them and loses no finished batch), samples.npz, samples.png, nearest.png (each sample over its
+nearest training image), memorization.csv/.md (nearest index and RMS distance per sample), summary.json and
+metrics.jsonl; optionally trajectories (x and x̂₀ at every step) in the batch files.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import data as sf_data
+from .. import models as sf_models
+from ..analysis.figures import image_grid_figure
+from ..analysis.nearest import nearest_training_images
+from ..runs import RunDir, RunError
+from ..sampling import initial_noise, sample
+
+
+@dataclass
+class SampleConfig:
+    """Everything that defines a sampling run (saved as config.json; `resume` rebuilds from it)."""
+
+    model: str = "is"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    model_run: str | None = None           # a training run directory: load the trained network from it
+    data: str = "digits"
+    data_options: dict[str, Any] = field(default_factory=dict)
+    n: int = 16
+    steps: int = 20
+    sampler: str = "ddim"
+    schedule: str = "cosine"
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0                          # sample i uses seed + i (noise and sampler randomness)
+    labels: list[int] | None = None        # class labels for conditional models (default: cycle over classes)
+    batch_size: int = 16
+    save_trajectory: bool = False
+
+
+def build_model(cfg: SampleConfig, data: sf_data.ImageSet) -> sf_models.Denoiser:
+    if cfg.model_run:
+        return sf_models.load(cfg.model_run)
+    return sf_models.make(cfg.model, data, **cfg.model_options)
+
+
+def sample_labels(cfg: SampleConfig, data: sf_data.ImageSet, model: sf_models.Denoiser) -> torch.Tensor | None:
+    if cfg.labels is not None:
+        labels = torch.as_tensor(cfg.labels, dtype=torch.int64)
+        if len(labels) == 1:
+            labels = labels.expand(cfg.n)
+        if len(labels) != cfg.n:
+            raise ValueError(f"{len(labels)} labels given for {cfg.n} samples")
+        return labels
+    if getattr(model, "conditional", False):
+        if data.num_classes == 0:
+            raise ValueError(f"model '{cfg.model}' is conditional but dataset '{cfg.data}' has no labels")
+        return torch.arange(cfg.n) % data.num_classes
+    return None
+
+
+def _batch_name(i: int) -> str:
+    return f"batches/batch-{i:04d}.npz"
+
+
+def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None = None,
+                 resume: str | Path | None = None, progress: bool = True) -> RunDir:
+    """Sample `cfg.n` images with `cfg.model` trained on / built from `cfg.data`; returns the run directory.
+
+    resume: an existing run directory of this job; its config is used and finished batches are kept.
+    """
+    if resume is not None:
+        run = RunDir.open(resume)
+        saved = {k: v for k, v in run.config.items() if k != "kind"}
+        cfg = SampleConfig(**saved)
+    else:
+        if cfg.n < 1 or cfg.batch_size < 1:
+            raise ValueError(f"n and batch_size must be positive, got n={cfg.n}, batch_size={cfg.batch_size}")
+        run = None
+    data = sf_data.load(cfg.data, **cfg.data_options)
+    model = build_model(cfg, data)
+    labels = sample_labels(cfg, data, model)
+    if run is None:
+        run = RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed)
+    image_shape = (data.channels, data.height, data.width)
+    seeds = [cfg.seed + i for i in range(cfg.n)]
+    starts = list(range(0, cfg.n, cfg.batch_size))
+    bar = tqdm(starts, desc=f"sampling {cfg.model} on {cfg.data}", unit="batch", disable=not progress)
+    for b, start in enumerate(bar):
+        if run.exists(_batch_name(b)):
+            continue                                          # finished before an interruption
+        batch_seeds = seeds[start:start + cfg.batch_size]
+        noise = initial_noise(len(batch_seeds), image_shape, seeds=batch_seeds)
+        batch_labels = None if labels is None else labels[start:start + cfg.batch_size]
+        traj_x, traj_x0 = [], []
+
+        def keep(info: dict[str, Any]) -> None:
+            if info["x0_hat"] is not None:
+                traj_x.append(info["x"].clone())
+                traj_x0.append(info["x0_hat"].clone())
+
+        tic = time.perf_counter()
+        out = sample(model, noise, steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule,
+                     labels=batch_labels, seeds=batch_seeds,
+                     callback=keep if cfg.save_trajectory else None, **cfg.sampler_options)
+        arrays: dict[str, Any] = {"samples": out, "seeds": np.array(batch_seeds), "noise": noise}
+        if batch_labels is not None:
+            arrays["labels"] = batch_labels
+        if cfg.save_trajectory:
+            arrays["trajectory_x"] = torch.stack(traj_x, 1)      # [b, steps, C, H, W]
+            arrays["trajectory_x0_hat"] = torch.stack(traj_x0, 1)
+        run.save_arrays(_batch_name(b), **arrays)
+        run.log_metrics(batch=b, n=len(batch_seeds), seconds=time.perf_counter() - tic)
+    finish_run(run, data)
+    return run
+
+
+def collect_batches(run: RunDir) -> dict[str, np.ndarray]:
+    """Concatenate the batch files of a sampling run in order."""
+    files = sorted((run.path / "batches").glob("batch-*.npz"))
+    if not files:
+        raise RunError(f"{run.path} holds no finished sample batches")
+    parts = [run.load_arrays(str(f.relative_to(run.path))) for f in files]
+    keys = [k for k in parts[0] if k in ("samples", "seeds", "labels", "noise")]
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+def finish_run(run: RunDir, data: sf_data.ImageSet) -> dict[str, Any]:
+    """Write samples.npz, the memorization table and the figures from the finished batches."""
+    arrays = collect_batches(run)
+    samples = torch.from_numpy(arrays["samples"]).float()
+    index, distance = nearest_training_images(samples, data)
+    if not run.exists("samples.npz"):
+        run.save_arrays("samples", **arrays, nearest_index=index, nearest_rms_distance=distance)
+    rows = [{"sample": i, "seed": int(arrays["seeds"][i]), "nearest_training_index": int(index[i]),
+             "rms_distance": float(distance[i]),
+             **({"label": int(arrays["labels"][i])} if "labels" in arrays else {})} for i in range(len(samples))]
+    summary = {"n": len(samples), "median_rms_distance": float(distance.median()),
+               "max_rms_distance": float(distance.max()),
+               "fraction_memorized(rms<0.01)": float((distance < 0.01).double().mean())}
+    if not run.exists("memorization.csv"):
+        run.save_table("memorization", rows, title="Nearest training image of each sample (RMS per pixel)")
+        run.write_json("summary.json", summary)
+        show = min(len(samples), 16)
+        titles = [f"{d:.3f}" for d in distance[:show].tolist()]
+        run.save_figure("nearest", image_grid_figure([samples[:show], data.images[index[:show]]],
+                                                     row_titles=["sample", "nearest"], col_titles=titles))
+        run.save_figure("samples", image_grid_figure([samples]))
+    return summary

@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+
+import scorefield.experiments.sample_run as sr
+from scorefield.cli import main
+from scorefield.runs import RunDir
+
+
+def cfg(**kw):
+    base = dict(model="gaussian", data="digits", data_options={"subset": 40}, n=5, steps=4, batch_size=2)
+    base.update(kw)
+    return sr.SampleConfig(**base)
+
+
+def test_interrupted_run_resumes_and_loses_no_finished_batch(tmp_path, monkeypatch):
+    reference = sr.run_sampling(cfg(), root=tmp_path, name="ref", progress=False)
+    calls = {"n": 0}
+    real_sample = sr.sample
+
+    def dies_on_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_sample(*a, **k)
+
+    monkeypatch.setattr(sr, "sample", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sr.run_sampling(cfg(), root=tmp_path, name="cut", progress=False)
+    cut = RunDir.open(tmp_path / "cut")
+    first = cut.load_arrays("batches/batch-0000.npz")["samples"]
+    assert not cut.exists("samples.npz")
+    monkeypatch.setattr(sr, "sample", real_sample)
+    sr.run_sampling(cfg(), resume=tmp_path / "cut", progress=False)
+    assert np.array_equal(cut.load_arrays("batches/batch-0000.npz")["samples"], first)  # kept, not redone
+    got, want = cut.load_arrays("samples")["samples"], reference.load_arrays("samples")["samples"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert len(cut.read_metrics()) == 3 and (cut.path / "memorization.csv").exists()
+
+
+def test_cli_sample_writes_the_run_directory(tmp_path, capsys):
+    code = main(["sample", "--model", "gaussian", "--data", "digits", "--subset", "30", "--n", "3", "--steps", "3",
+                 "--out", str(tmp_path), "--name", "r"])
+    assert code == 0
+    run = RunDir.open(tmp_path / "r")
+    for f in ("samples.npz", "samples.png", "nearest.png", "memorization.csv", "summary.json", "environment.json"):
+        assert run.exists(f), f
+    s = run.load_arrays("samples")
+    assert s["samples"].shape == (3, 1, 8, 8) and s["nearest_index"].shape == (3,)
+    assert "run directory" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["sample", "--model", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main(["sample", "--model", "gaussian", "--n", "0", "--out", str(tmp_path)]) == 2
+    assert "must be positive" in capsys.readouterr().err
