@@ -1,6 +1,7 @@
 """The one container for image data: an ImageSet holds [N, C, H, W] float images in [-1, 1]."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,12 +29,13 @@ class ImageSet:
         if not images.is_floating_point():
             raise DataError(f"ImageSet '{self.name}': images must be floating point in [-1, 1], got {images.dtype}")
         images = images.to(torch.float32)
-        if not torch.isfinite(images).all():
-            raise DataError(f"ImageSet '{self.name}': images contain NaN or infinite values")
-        if images.numel() and (images.min() < -1 - 1e-5 or images.max() > 1 + 1e-5):
-            raise DataError(
-                f"ImageSet '{self.name}': pixel values must lie in [-1, 1], "
-                f"got [{images.min().item():.3g}, {images.max().item():.3g}]")
+        if images.numel():
+            # min and max are NaN / ±inf exactly when some pixel is, so two reductions check both at once
+            lo, hi = images.min().item(), images.max().item()
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise DataError(f"ImageSet '{self.name}': images contain NaN or infinite values")
+            if lo < -1 - 1e-5 or hi > 1 + 1e-5:
+                raise DataError(f"ImageSet '{self.name}': pixel values must lie in [-1, 1], got [{lo:.3g}, {hi:.3g}]")
         self.images = images.clamp(-1, 1).contiguous()
         if self.labels is not None:
             labels = torch.as_tensor(self.labels).to(torch.int64).reshape(-1)

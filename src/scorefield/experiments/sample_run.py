@@ -108,7 +108,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
         tic = time.perf_counter()
         out = sample(model, noise, steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule,
                      labels=batch_labels, seeds=batch_seeds,
-                     callback=keep if cfg.save_trajectory else None, **cfg.sampler_options)
+                     callback=keep if cfg.save_trajectory else None, progress=progress, **cfg.sampler_options)
         arrays: dict[str, Any] = {"samples": out, "seeds": np.array(batch_seeds), "noise": noise}
         if batch_labels is not None:
             arrays["labels"] = batch_labels
