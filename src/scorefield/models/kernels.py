@@ -108,6 +108,21 @@ def finalize(state: SoftmaxState) -> Tensor:
     return state.acc / state.l.unsqueeze(-1)
 
 
-# The entry point the engine calls; a faster implementation may replace it as long as it matches
-# `accumulate_reference` (tested against it).
-accumulate = accumulate_reference
+def accumulate(state: SoftmaxState, queries: Tensor, keys: Tensor, bias: Tensor, values: Tensor,
+               scale: float | Tensor, key_offset: int = 0) -> SoftmaxState:
+    """Fold one chunk of keys into `state`: the entry point the engine calls.
+
+    Same arguments, shapes and result as `accumulate_reference`. float32 work on the CPU runs in the compiled
+    fused kernel (`fastkernel`: tiled GEMM, then one max pass and one exp + sum + weighted-sum pass per score
+    row while the tile is in cache); everything else (float64, other devices, autograd, value dims > 4,
+    scale shapes other than scalar or per-group) runs the pure-torch reference.
+    """
+    if keys.shape[-2] == 0:
+        return state
+    fast = fastkernel.try_accumulate(state, queries, keys, bias, values, scale, key_offset)
+    if fast is not None:
+        return fast
+    return accumulate_reference(state, queries, keys, bias, values, scale, key_offset)
+
+
+from . import fastkernel  # noqa: E402  (imports nothing from here at import time)

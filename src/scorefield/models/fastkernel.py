@@ -1,0 +1,243 @@
+"""The compiled CPU fast path of `kernels.accumulate` (source: `scorefield/csrc/patch_softmax.cpp`).
+
+The C++ source is compiled at first use with the system C++ compiler (-O3 -march=native -fopenmp) into a
+plain shared library, cached under `$SCOREFIELD_CACHE` (default `~/.cache/scorefield`) keyed by the source,
+the flags and the CPU, and called through ctypes. It is checked against `accumulate_reference` once after
+loading. Whenever it cannot be used (no compiler, failed build or check, float64, a non-CPU device, autograd,
+shapes it does not cover) `try_accumulate` returns None and the caller falls back to pure torch; a missing
+or broken build warns once.
+
+Set `SCOREFIELD_KERNEL=reference` to disable the compiled path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+Tensor = torch.Tensor
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "patch_softmax.cpp"
+CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+BUILD_TIMEOUT_S = 120
+MAX_VALUE_DIM = 4
+# Below this patch dimension the kernel's own register-blocked dot products beat a BLAS call per tile.
+DIRECT_MAX_DIM = 16
+# Query rows x keys per score tile (256 KiB or 512 KiB of float32: stays in L2). Large D wants more query rows
+# per tile so that each BLAS call is big enough to run near peak.
+BLOCK_Q, BLOCK_Q_LARGE_D, BLOCK_K = 128, 256, 512
+LARGE_D = 64
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_sgemm: int | None = None
+_state = "unloaded"  # unloaded | ready | unavailable
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (`$SCOREFIELD_CACHE`, else `$XDG_CACHE_HOME/scorefield`)."""
+    root = os.environ.get("SCOREFIELD_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scorefield"
+
+
+def _cpu_signature() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+        model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
+        return model + flags
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build() -> Path:
+    """Compile the kernel (or reuse the cached build) and return the shared library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((cxx, *CXX_FLAGS)).encode() + _cpu_signature().encode())
+    target = cache_dir() / "kernels" / key.hexdigest()[:16] / "libpatch_softmax.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        partial = Path(tmp) / target.name
+        result = subprocess.run([cxx, *CXX_FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
+                                text=True, timeout=BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+        os.replace(partial, target)  # atomic: concurrent builders end with one complete file
+    return target
+
+
+def _find_sgemm() -> int | None:
+    """Address of the Fortran sgemm_ that torch's own BLAS exports, if any (used for large D)."""
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        path = lib_dir / name
+        if path.exists():
+            try:
+                return ctypes.cast(ctypes.CDLL(str(path)).sgemm_, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                return None
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sf_accumulate.restype = ctypes.c_int
+    lib.sf_accumulate.argtypes = ([i64] * 5 + [ptr, i64] * 6 + [ptr] * 3 + [i64, ptr, ptr, i64, i64, i64]
+                                  + [ctypes.c_int, ptr])
+
+
+def _load() -> bool:
+    global _library, _sgemm, _state
+    with _lock:
+        if _state != "unloaded":
+            return _state == "ready"
+        _state = "unavailable"
+        if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
+            return False
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            _declare(lib)
+            _library, _sgemm = lib, _find_sgemm()
+            _state = "ready"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            warnings.warn(f"scorefield: compiled patch kernel unavailable, using pure torch ({err})",
+                          RuntimeWarning, stacklevel=3)
+            return False
+    if not _self_check():
+        with _lock:
+            _state = "unavailable"
+        warnings.warn("scorefield: compiled patch kernel failed its self-check, using pure torch",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the compiled kernel is built, loaded and agrees with the reference."""
+    return _load()
+
+
+def _self_check() -> bool:
+    from .kernels import accumulate_reference, init_state
+
+    gen = torch.Generator().manual_seed(0)
+    for dim in (9, DIRECT_MAX_DIM + 9):
+        q = torch.randn(37, dim, generator=gen)
+        k = torch.randn(301, dim, generator=gen)
+        b = torch.randn(301, generator=gen)
+        v = torch.randn(301, 3, generator=gen)
+        start = init_state((37,), 3, topk=4)
+        ref = accumulate_reference(start, q, k, b, v, 0.3, key_offset=5)
+        got = try_accumulate(start, q, k, b, v, 0.3, key_offset=5)
+        if got is None or not torch.allclose(got.acc / got.l[:, None], ref.acc / ref.l[:, None], atol=1e-5):
+            return False
+        if not torch.equal(got.topk_index, ref.topk_index):
+            return False
+    return True
+
+
+def _group_view(t: Tensor, lead: tuple[int, ...], tail: int, groups: int) -> tuple[Tensor, int]:
+    """t: [lead'..., *tail dims] -> ([G or 1, ...] contiguous float32, per-group stride in elements)."""
+    own = tuple(t.shape[: t.ndim - tail])
+    inner = tuple(t.shape[t.ndim - tail:])
+    if all(s == 1 for s in own):
+        return t.reshape(1, *inner).contiguous(), 0
+    if own != lead:
+        t = t.expand(*lead, *inner)
+    t = t.reshape(groups, *inner).contiguous()
+    return t, t[0].numel()
+
+
+def _scale_vector(scale: float | Tensor, queries: Tensor, lead: tuple[int, ...], groups: int) -> Tensor | None:
+    """The scale as [G] (or [1] when shared), or None for shapes the compiled path does not cover."""
+    if not isinstance(scale, Tensor):
+        return torch.tensor([float(scale)], dtype=torch.float32)
+    if scale.ndim == 0 or scale.numel() == 1:
+        return scale.detach().reshape(1).to(device="cpu", dtype=torch.float32)
+    if scale.ndim == queries.ndim - 2:  # one scale per group, as `kernels.logits` reads it
+        return scale.detach().expand(lead).reshape(groups).to(dtype=torch.float32).contiguous()
+    return None
+
+
+def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: Tensor,
+                   scale: float | Tensor, key_offset: int = 0):
+    """The compiled `accumulate`, or None when it does not apply (the caller then uses the reference)."""
+    tensors = [queries, keys, bias, values, state.m, state.l, state.acc]
+    if isinstance(scale, Tensor):
+        tensors.append(scale)
+    if _state != "ready" and not (_state == "unloaded" and _load()):
+        return None
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in tensors):
+        return None
+    n_keys, dim, n_values = keys.shape[-2], queries.shape[-1], values.shape[-1]
+    if not (0 < n_values <= MAX_VALUE_DIM) or keys.shape[-1] != dim or n_keys == 0:
+        return None
+    try:
+        lead = tuple(torch.broadcast_shapes(queries.shape[:-2], keys.shape[:-2], bias.shape[:-1],
+                                            values.shape[:-2]))
+    except RuntimeError:
+        return None
+    if tuple(queries.shape[:-2]) != lead or tuple(state.m.shape) != (*lead, queries.shape[-2]):
+        return None
+    groups = int(torch.Size(lead).numel())
+    scale_g = _scale_vector(scale, queries, lead, groups)
+    if scale_g is None or n_keys >= 2**31 or dim >= 2**31:
+        return None
+    n_q = queries.shape[-2]
+    q = queries.reshape(groups, n_q, dim).contiguous()
+    k, k_gs = _group_view(keys, lead, 2, groups)
+    b, b_gs = _group_view(bias, lead, 1, groups)
+    v, _ = _group_view(values, lead, 2, groups)
+    v_t = v.transpose(-1, -2).contiguous()                     # [G or 1, V, K]
+    v_gs = v_t[0].numel() if v_t.shape[0] > 1 else 0
+    use_blas = _sgemm is not None and dim > DIRECT_MAX_DIM
+    k_t = None if use_blas else k.transpose(-1, -2).contiguous()  # [G or 1, D, K]
+    m = state.m.reshape(groups, n_q).clone()
+    l = state.l.reshape(groups, n_q).clone()
+    acc = state.acc.reshape(groups, n_q, n_values).clone()
+    topk = 0 if state.topk_logit is None else state.topk_logit.shape[-1]
+    tk_logit = tk_index = None
+    if topk:
+        tk_logit = state.topk_logit.reshape(groups, n_q, topk).to(torch.float32).clone()
+        tk_index = state.topk_index.reshape(groups, n_q, topk).to(torch.int64).clone()
+    ptr = _pointer
+    code = _library.sf_accumulate(
+        groups, n_q, n_keys, dim, n_values,
+        ptr(q), n_q * dim, ptr(k), k_gs, ptr(k_t), k_t[0].numel() if k_t is not None and k_gs else 0,
+        ptr(b), b_gs, ptr(v_t), v_gs, ptr(scale_g), 1 if scale_g.numel() > 1 else 0,
+        ptr(m), ptr(l), ptr(acc), topk, ptr(tk_logit), ptr(tk_index), int(key_offset),
+        BLOCK_Q_LARGE_D if dim > LARGE_D else BLOCK_Q, BLOCK_K, torch.get_num_threads(), _sgemm if use_blas else None)
+    if code != 0:
+        return None
+    out = type(state)(m.reshape(state.m.shape), l.reshape(state.l.shape), acc.reshape(state.acc.shape))
+    if topk:
+        out.topk_logit = tk_logit.reshape(state.topk_logit.shape)
+        out.topk_index = tk_index.reshape(state.topk_index.shape)
+    return out
+
+
+def _pointer(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
