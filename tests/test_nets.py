@@ -10,14 +10,7 @@ from scorefield.models.base import DenoiserInputError
 from scorefield.models.nets import ALPHA_BAR_FLOOR, ARCHITECTURES, net_from_config
 from scorefield.models.registry import ModelConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tiny nets here run fastest on one thread, and shared cores make two threads slower still
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image_set(size: int = 9, n: int = 6, channels: int = 1) -> sf.data.ImageSet:

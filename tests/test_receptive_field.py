@@ -11,13 +11,7 @@ from scorefield import cli
 from scorefield.analysis.receptive_field import ReceptiveFieldError, receptive_field, size_holding_mass
 from scorefield.training import train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def noise_set(size: int, n: int = 4) -> sf.data.ImageSet:

@@ -54,3 +54,10 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["sample", "--model", "gaussian", "--n", "0", "--out", str(tmp_path)]) == 2
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_trajectories_are_saved_per_step(tmp_path):
+    run = sr.run_sampling(cfg(n=2, steps=3, save_trajectory=True), root=tmp_path, name="traj", progress=False)
+    batch = run.load_arrays("batches/batch-0000.npz")
+    assert batch["trajectory_x"].shape == (2, 3, 1, 8, 8) and batch["trajectory_x0_hat"].shape == (2, 3, 1, 8, 8)
+    np.testing.assert_allclose(batch["trajectory_x"][:, 0], batch["noise"], atol=0)   # step 0 is the noise

@@ -13,13 +13,7 @@ from scorefield import cli
 from scorefield.checkpoints import load_checkpoint, load_denoiser
 from scorefield.training import TrainConfig, TrainingError, dsm_loss, epoch_permutation, recipe, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_set(n: int = 12, size: int = 8) -> sf.data.ImageSet:

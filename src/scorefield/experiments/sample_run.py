@@ -8,7 +8,7 @@ metrics.jsonl; optionally trajectories (x and x̂₀ at every step) in the batch
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,19 @@ class SampleConfig:
     labels: list[int] | None = None        # class labels for conditional models (default: cycle over classes)
     batch_size: int = 16
     save_trajectory: bool = False
+
+
+class TrajectoryRecorder:
+    """A sampler callback keeping the state x and the estimate x̂₀ of every step."""
+
+    def __init__(self) -> None:
+        self.x: list[torch.Tensor] = []
+        self.x0_hat: list[torch.Tensor] = []
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if info["x0_hat"] is not None:
+            self.x.append(info["x"].clone())
+            self.x0_hat.append(info["x0_hat"].clone())
 
 
 def build_model(cfg: SampleConfig, data: sf_data.ImageSet) -> sf_models.Denoiser:
@@ -86,6 +99,8 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
     data = sf_data.load(cfg.data, **cfg.data_options)
     model = build_model(cfg, data)
     labels = sample_labels(cfg, data, model)
+    if cfg.model_run:  # record what was actually sampled, not the default machine name
+        cfg = replace(cfg, model=str(model.config.get("name", model.name)))
     if run is None:
         run = RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed)
     image_shape = (data.channels, data.height, data.width)
@@ -98,23 +113,17 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
         batch_seeds = seeds[start:start + cfg.batch_size]
         noise = initial_noise(len(batch_seeds), image_shape, seeds=batch_seeds)
         batch_labels = None if labels is None else labels[start:start + cfg.batch_size]
-        traj_x, traj_x0 = [], []
-
-        def keep(info: dict[str, Any]) -> None:
-            if info["x0_hat"] is not None:
-                traj_x.append(info["x"].clone())
-                traj_x0.append(info["x0_hat"].clone())
-
+        recorder = TrajectoryRecorder() if cfg.save_trajectory else None
         tic = time.perf_counter()
         out = sample(model, noise, steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule,
                      labels=batch_labels, seeds=batch_seeds,
-                     callback=keep if cfg.save_trajectory else None, progress=progress, **cfg.sampler_options)
+                     callback=recorder, progress=progress, **cfg.sampler_options)
         arrays: dict[str, Any] = {"samples": out, "seeds": np.array(batch_seeds), "noise": noise}
         if batch_labels is not None:
             arrays["labels"] = batch_labels
-        if cfg.save_trajectory:
-            arrays["trajectory_x"] = torch.stack(traj_x, 1)      # [b, steps, C, H, W]
-            arrays["trajectory_x0_hat"] = torch.stack(traj_x0, 1)
+        if recorder is not None:
+            arrays["trajectory_x"] = torch.stack(recorder.x, 1)      # [b, steps, C, H, W]
+            arrays["trajectory_x0_hat"] = torch.stack(recorder.x0_hat, 1)
         run.save_arrays(_batch_name(b), **arrays)
         run.log_metrics(batch=b, n=len(batch_seeds), seconds=time.perf_counter() - tic)
     finish_run(run, data)
