@@ -61,3 +61,12 @@ def test_guidance_scale_one_is_conditional_and_window_restricts():
     out = w(x, torch.tensor([0.9, 0.1]), torch.tensor([1, 1]))
     assert torch.allclose(out[0], torch.full_like(out[0], 3.0))   # inside the window: 0 + 3·(1 − 0)
     assert torch.allclose(out[1], torch.full_like(out[1], 1.0))   # outside: plain conditional
+
+
+def test_a_grid_finer_than_float32_resolves_is_refused_with_advice():
+    model = small_gaussian_model()
+    ts = torch.tensor([1.0, 0.5, 1e-8, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        sf.sampling.sample(model, torch.randn(1, 1, 4, 4), ts=ts)
+    out = sf.sampling.sample(model, torch.randn(1, 1, 4, 4, dtype=torch.float64), ts=ts)
+    assert torch.isfinite(out).all()

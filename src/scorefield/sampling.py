@@ -253,6 +253,16 @@ def default_grid(schedule: Schedule, steps: int, sampler: str, grid: str | None 
     return time_grid(schedule, steps, grid or "uniform", t_start=t_start)
 
 
+def check_grid_resolvable(schedule: Schedule, ts: Tensor, dtype: torch.dtype) -> None:
+    """Refuse a grid whose noise levels before the last step round to ᾱ = 1 in the working dtype (the
+    samplers would divide by 1 − ᾱ = 0); float64 noise resolves far finer grids than float32."""
+    ab = schedule.alpha_bar(ts[:-1]).to(dtype)
+    if (ab >= 1).any():
+        t_bad = float(ts[:-1][ab >= 1].max())
+        raise SamplingError(f"the time grid reaches t = {t_bad:.3g}, where 1 − ᾱ rounds to 0 in {dtype}; "
+                            "end the grid earlier or sample in float64 (float64 noise and dtype='float64' models)")
+
+
 def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim", schedule: str | Schedule = "cosine",
            labels: Tensor | None = None, callback: Callback | None = None,
            guidance: Guidance | float | None = None, seeds: Sequence[int] | None = None,
@@ -277,6 +287,7 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
     grid_t = torch.as_tensor(grid_t, dtype=torch.float64)
     if grid_t.ndim != 1 or len(grid_t) < 2 or not (grid_t[1:] < grid_t[:-1]).all():
         raise SamplingError("the time grid must be a strictly decreasing 1-D sequence of at least 2 times")
+    check_grid_resolvable(sched, grid_t, noise.dtype)
     B = noise.shape[0]
     seeds = list(seeds) if seeds is not None else list(range(B))
     if len(seeds) != B:
