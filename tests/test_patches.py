@@ -203,3 +203,22 @@ def test_engine_calls_the_public_accumulate(monkeypatch):
     images, x = _data()
     P.PatchPosterior(images)(x, 0.5, 3)
     assert calls
+
+
+def test_flat_logits_give_the_prior_mean_without_folding():
+    images, x = _data(n=4, c=2, h=6, w=6)
+    engine = P.PatchPosterior(images, dtype=torch.float64)
+    out = engine(x.double(), 1e-30, 3)
+    expected = images.double().mean(dim=(0, 2, 3))                # every pixel is one patch centre
+    assert torch.allclose(out, expected[None, :, None, None].expand_as(out), atol=1e-12)
+    assert engine.last_stats["pairs_evaluated"] == 0 and engine.last_stats["neglected_bound"] < 1e-12
+    # at a noise level where the logits are not flat the engine folds every key
+    engine(x.double(), 1e-3, 3)
+    assert engine.last_stats["pairs_evaluated"] > 0
+
+
+def test_float32_norm_column_does_not_degrade_the_float64_bank():
+    images, x = _data(n=3, c=3, h=5, w=5)
+    cached = P.PatchPosterior(images, dtype=torch.float64, cache=True)(x.double(), 0.9, 3)
+    streamed = P.PatchPosterior(images, dtype=torch.float64, cache=False)(x.double(), 0.9, 3)
+    assert torch.allclose(cached, streamed, atol=1e-12, rtol=0)

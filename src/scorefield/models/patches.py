@@ -16,6 +16,11 @@ deduplicated (identical patches merge into one key with log-multiplicity, which 
 The float32 expansion cancels catastrophically at low noise; the float32 path therefore tracks each query's
 top keys and recomputes their logits exactly, in float64 and distance form, before normalizing.
 
+Doing less, exactly: when every logit equals its log-weight to within FLAT_LOGIT_SPREAD (the first steps from
+pure noise) the posterior is the bank's prior mean, computed once; with `prune`, the shared bank is clustered
+once per patch size and whole clusters are skipped per query under a certified bound on the neglected mass
+(`pruning`). Every call records the pairs it folded and that bound (`PatchPosterior.last_stats`).
+
 Which keys a query may use is its *group*: one bank for all pixels (ELS), one bank per location (LS), one bank
 per border class (boundary-broken ELS, App. B.2 and Fig. 9).
 """
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import kernels
+from . import fastkernel, kernels, pruning
 
 Tensor = torch.Tensor
 
@@ -39,6 +44,13 @@ MIN_NOISE_VARIANCE = 1e-10               # ᾱ = 1 is treated as s² = 1e-10: th
 DEFAULT_TOPK = 8
 MAX_QUERY_BLOCK = 8192
 REST_FLOOR = 1e-6                        # relative mass below which the float32 remainder is rounding noise
+ASSIGN_CHUNK_KEYS = 2**16                # keys cut at once while clustering a streamed bank
+PIECE_KEYS = 2**15                       # keys of one cluster folded at once by the pruned posterior
+FULL_PASS_FRACTION = 0.6                 # above this fraction of pairs to fold, one plain pass is cheaper
+FULL_PASS_KEYS = 2**16                   # keys per chunk of that plain pass
+SMALL_FOLD_PAIRS = 2**21                 # folds of fewer (query, key) pairs run on one thread
+PRUNE_MIN_KEYS = 8192                    # prune='auto' clusters banks of at least this many keys
+FLAT_LOGIT_SPREAD = 1e-9                 # below this logit spread the posterior is the bank's prior mean
 PROGRESS_PAIRS = 2e9                     # show a progress bar above this many query-key pairs (≈ seconds here)
 
 
@@ -185,6 +197,15 @@ class KeySource:
     def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
+    def augmented_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        """As `chunks`, with keys augmented to [k, ‖k‖²]: [G, K, D+1] (what the kernel folds)."""
+        for offset, keys, logw, values in self.chunks(dtype):
+            yield offset, augment_keys(keys), logw, values
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+        """Keys [M, D], logw [M], values [M, V] (float32) of single-group global indices [M]."""
+        raise NotImplementedError
+
     def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
@@ -252,19 +273,41 @@ class StreamedPatches(KeySource):
         image, loc = self._locate(index)
         return torch.stack([image, loc // self.width, loc % self.width], dim=-1)
 
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        image, loc = self._locate(index[None])                            # [1, M]
+        c = self.images.shape[1]
+        flat = torch.cat([self.images.reshape(self.images.shape[0], c, -1),
+                          self.images.new_zeros(self.images.shape[0], c, 1)], dim=2)   # [N, C, HW+1]
+        keys = flat[image[0][:, None, None], torch.arange(c)[:, None], self.index[loc[0]][:, None, :]]
+        keys = keys.reshape(index.shape[0], self.dim)                     # [M, D]
+        return keys, self.log_weights[image[0]].to(torch.float32), keys[:, self.centre]
+
 
 class CachedBank(KeySource):
     """A bank held in memory: keys [G, K, D], logw [G, K], values [G, K, V], sources [G, K, 3]; groups padded
     to equal K with keys of log-weight −inf (always after the real keys)."""
 
     def __init__(self, keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> None:
-        self.keys, self.logw, self.values, self.source_table = keys, logw, values, sources
+        # the augmented keys are what every call folds: kept once, the raw keys are a view of them
+        self.keys_aug = augment_keys(keys.to(torch.float32))                  # [G, K, D+1]
+        self.keys = self.keys_aug[..., :-1]
+        self.logw, self.values, self.source_table = logw, values, sources
         self.groups, self.num_keys, self.dim = keys.shape
         self.value_dim = values.shape[-1]
         self.chunk_keys = self.num_keys
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.logw, self.values, self.source_table))
+        return sum(t.numel() * t.element_size() for t in (self.keys_aug, self.logw, self.values,
+                                                           self.source_table))
+
+    def augmented_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start in range(0, self.num_keys, self.chunk_keys):
+            stop = start + self.chunk_keys
+            yield (start, _augmented(self.keys_aug[:, start:stop], dtype), self.logw[:, start:stop].to(dtype),
+                   self.values[:, start:stop].to(dtype))
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.keys[0, index], self.logw[0, index].to(torch.float32), self.values[0, index]
 
     def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
         for start in range(0, self.num_keys, self.chunk_keys):
@@ -284,6 +327,23 @@ class CachedBank(KeySource):
     def sources(self, index: Tensor) -> Tensor:
         g, j = self._rows(index)
         return self.source_table[g, j]
+
+
+def _held_bytes(source: KeySource) -> int:
+    """Bytes a key source keeps in memory between calls (its cached keys, cluster order and centroids)."""
+    held = [getattr(source, name, None) for name in ("keys_aug", "logw", "values", "source_table", "rep_keys")]
+    extra = 0
+    if isinstance(source, ClusteredBank):
+        held += [source.index.order, source.index.centroids]
+        extra = _held_bytes(source.base) if isinstance(source.base, CachedBank) else 0
+    return extra + sum(t.numel() * t.element_size() for t in held if isinstance(t, Tensor))
+
+
+def _augmented(keys_aug: Tensor, dtype: torch.dtype) -> Tensor:
+    """Held float32 augmented keys in `dtype`; the ‖k‖² column is recomputed when more precision is asked."""
+    if dtype == keys_aug.dtype:
+        return keys_aug
+    return augment_keys(keys_aug[..., :-1].to(dtype))
 
 
 class WholeImages(KeySource):
@@ -341,17 +401,42 @@ class WholeImages(KeySource):
         return torch.stack([idx // self.shifts, shift // self.width, shift % self.width], dim=-1)
 
 
+def row_hashes(keys: Tensor, block: int = 16384) -> Tensor:
+    """A 64-bit hash [K] of the bit pattern of each row of keys [K, D] (float32): equal rows hash equally."""
+    bits = keys.contiguous().view(torch.int32)
+    gen = torch.Generator().manual_seed(12345)
+    mult = torch.randint(1, 2**62, (keys.shape[1],), generator=gen, dtype=torch.int64) | 1   # odd multipliers
+    out = torch.empty(keys.shape[0], dtype=torch.int64)
+    for start in range(0, keys.shape[0], block):          # int64 products wrap: a deterministic hash
+        out[start:start + block] = (bits[start:start + block].long() * mult).sum(-1)
+    return out
+
+
+def unique_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(first occurrence [U], inverse [K]) of the distinct rows of keys [K, D]: sort-free hashing, then a
+    check that every row equals its representative (exact: a hash collision falls back to a row sort)."""
+    _, inverse = torch.unique(row_hashes(keys), return_inverse=True)
+    u = int(inverse.max()) + 1 if inverse.numel() else 0
+    first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
+        0, inverse, torch.arange(keys.shape[0]), "amin")
+    if not torch.equal(keys[first][inverse], keys):
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        u = int(inverse.max()) + 1
+        first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
+            0, inverse, torch.arange(keys.shape[0]), "amin")
+    return first, inverse
+
+
 def dedup_bank(keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> tuple[Tensor, ...]:
     """Merge identical keys of one group (keys [K, D], logw [K], values [K, V], sources [K, 3]) into one key
     with log-weight logsumexp(logw) — exact, since identical keys have identical logits and the value is a
     function of the key whenever it is a patch centre. The source kept is the first occurrence."""
-    uniq, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    u = uniq.shape[0]
+    first, inverse = unique_rows(keys)
+    u = first.shape[0]
     top = torch.full((u,), -math.inf, dtype=logw.dtype).scatter_reduce(0, inverse, logw, "amax")
-    mass = torch.zeros(u, dtype=logw.dtype).index_add_(0, inverse, torch.exp(logw - top[inverse]))
-    first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
-        0, inverse, torch.arange(keys.shape[0]), "amin")
-    return uniq, top + torch.log(mass), values[first], sources[first]
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.zeros(u, dtype=logw.dtype).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
+    return keys[first], safe + torch.log(mass), values[first], sources[first]
 
 
 def build_cached_bank(source: StreamedPatches, dedup: bool = True) -> CachedBank:
@@ -374,10 +459,87 @@ def build_cached_bank(source: StreamedPatches, dedup: bool = True) -> CachedBank
         extra = t.new_full((k_max - t.shape[0], *t.shape[1:]), fill)
         return torch.cat([t, extra], 0)
 
-    return CachedBank(torch.stack([pad(p[0], 0.0) for p in parts]),
+    bank = CachedBank(torch.stack([pad(p[0], 0.0) for p in parts]),
                       torch.stack([pad(p[1], -math.inf) for p in parts]),
                       torch.stack([pad(p[2], 0.0) for p in parts]),
                       torch.stack([pad(p[3], -1) for p in parts]))
+    bank.raw_keys = source.num_keys
+    return bank
+
+
+class ClusteredBank(KeySource):
+    """A single-group bank sorted by cluster, with a centroid, radius and log-mass per cluster
+    (`pruning.ClusterIndex`) so that whole clusters can be skipped with a certified bound.
+
+    Keys are held sorted and augmented when the base bank is cached; for a streamed base only the cluster
+    order is held ([K] indices) and each cluster's patches are cut from the images when it is needed, so
+    memory stays bounded whatever the training set size. Global key indices refer to the sorted order."""
+
+    def __init__(self, base: KeySource, index: pruning.ClusterIndex) -> None:
+        if base.groups != 1:
+            raise PatchConfigError("a clustered bank holds one group of keys")
+        self.base, self.index = base, index
+        self.groups, self.dim, self.value_dim = 1, base.dim, base.value_dim
+        self.num_keys = int(index.order.shape[0])
+        self.chunk_keys = self.num_keys
+        self.raw_keys = getattr(base, "raw_keys", base.num_keys)
+        self.held = isinstance(base, CachedBank)
+        rep_keys, rep_logw, _ = base.take(index.order[index.representative])
+        self.rep_keys, self.rep_logw = rep_keys.double(), rep_logw.double()         # [C, D], [C]
+        if self.held:
+            keys, logw, values = base.take(index.order)
+            self.keys_aug = augment_keys(keys)[None]                         # [1, K, D+1] sorted
+            self.logw, self.values = logw[None], values[None]                # [1, K], [1, K, V]
+
+    def keys_between(self, start: int, stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Sorted keys start…stop−1: (augmented keys [1, k, D+1], logw [1, k], values [1, k, V])."""
+        if self.held:
+            return (_augmented(self.keys_aug[:, start:stop], dtype), self.logw[:, start:stop].to(dtype),
+                    self.values[:, start:stop].to(dtype))
+        keys, logw, values = self.base.take(self.index.order[start:stop])
+        return augment_keys(keys.to(dtype))[None], logw.to(dtype)[None], values.to(dtype)[None]
+
+    def augmented_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start in range(0, self.num_keys, self.chunk_keys):
+            stop = min(start + self.chunk_keys, self.num_keys)
+            yield (start, *self.keys_between(start, stop, dtype))
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start, k_aug, logw, values in self.augmented_chunks(dtype):
+            yield start, k_aug[..., :-1], logw, values
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keys, logw, values = self.base.gather(self.index.order[index.clamp_min(0)])
+        return keys, logw.masked_fill(index < 0, -math.inf), values
+
+    def sources(self, index: Tensor) -> Tensor:
+        return self.base.sources(self.index.order[index.clamp_min(0)])
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.base.take(self.index.order[index])
+
+
+def cluster_bank(base: KeySource, clusters: int | None = None, seed: int = 0) -> ClusteredBank:
+    """Cluster a single-group bank (cached or streamed) once: k-means centroids from a sample of keys, then
+    one pass assigning every key to its nearest centroid and recording its exact distance (the radius)."""
+    k = base.num_keys
+    clusters = pruning.default_cluster_count(k, base.dim) if clusters is None else int(clusters)
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(k, generator=gen)[:min(k, pruning.SAMPLE_PER_CLUSTER * clusters)]
+    centroids = pruning.kmeans_centroids(base.take(sample.sort().values)[0].to(torch.float32), clusters, gen)
+    labels, dists, logws = [], [], []
+    if isinstance(base, CachedBank):
+        parts = [(base.keys[0], base.logw[0])]
+    else:
+        base.set_chunk_keys(min(k, ASSIGN_CHUNK_KEYS))
+        parts = ((keys[0], logw[0]) for _, keys, logw, _ in base.chunks(torch.float32))
+    for keys, logw in parts:
+        label, dist = pruning.nearest_centroid(keys, centroids)
+        labels.append(label)
+        dists.append(dist)
+        logws.append(logw)
+    index = pruning.build_cluster_index(torch.cat(labels), torch.cat(dists), torch.cat(logws), centroids)
+    return ClusteredBank(base, index)
 
 
 # ---- the streaming posterior -------------------------------------------------------------------------------
@@ -410,11 +572,13 @@ class Budget:
 
 
 def plan_memory(groups: int, queries: int, dim: int, value_dim: int, num_keys: int, itemsize: int, topk: int,
-                memory_budget: float, key_extra_bytes: float = 0.0, chunk_keys: int | None = None) -> Budget:
+                memory_budget: float, key_extra_bytes: float = 0.0, chunk_keys: int | None = None,
+                fused: bool = False) -> Budget:
     """Choose a query block and a key chunk so that the working set fits in `memory_budget`; raise
-    PatchMemoryError (with the estimate) when even the smallest blocks do not fit."""
+    PatchMemoryError (with the estimate) when even the smallest blocks do not fit. `fused`: the compiled
+    kernel folds each score tile in cache and allocates nothing per (query, key) pair."""
     track = 2 * itemsize + 16 if topk else 0
-    pair = 4 * itemsize + track                                # logits, exp, temporaries, top-k candidates
+    pair = 0 if fused else 4 * itemsize + track                # logits, exp, temporaries, top-k candidates
     per_key = (2 * (dim + 1) + value_dim + 1) * itemsize + key_extra_bytes * itemsize
     per_query = (2 * (dim + 1) + value_dim + 2) * itemsize + topk * (itemsize + 8)
     fixed = groups * queries * per_query
@@ -436,6 +600,8 @@ def plan_memory(groups: int, queries: int, dim: int, value_dim: int, num_keys: i
     while True:
         spare = memory_budget - fixed - groups * qb * fix_bytes
         kc = int(spare // (groups * (qb * pair + per_key))) if spare > 0 else 0
+        if fused:   # nothing grows with the pairs: a quarter of the budget for a chunk is plenty
+            kc = min(kc, int(memory_budget // (4 * groups * per_key)))
         if kc >= min(num_keys, 256) or (kc >= 1 and qb == 1):
             kc = min(kc, num_keys)
             return Budget(qb, kc, estimate(qb, kc))
@@ -461,8 +627,10 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
     exact_fix = dtype != torch.float64 and topk > 0
     track = topk if exact_fix else (1 if provenance else 0)
     itemsize = torch.empty((), dtype=dtype).element_size()
+    fused = (dtype == torch.float32 and queries.device.type == "cpu" and source.value_dim <= fastkernel.MAX_VALUE_DIM
+             and fastkernel.available())
     plan = plan_memory(g, q, d, source.value_dim, source.num_keys, itemsize, track, memory_budget,
-                       source.bytes_per_key_extra, chunk_keys)
+                       source.bytes_per_key_extra, chunk_keys, fused=fused)
     source.set_chunk_keys(plan.chunk_keys)
     q_aug = augment_queries(queries, a, s2, dtype)                               # [G, Q, D+1]
     blocks = [(start, min(start + plan.query_block, q)) for start in range(0, q, plan.query_block)]
@@ -470,9 +638,8 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
               for start, stop in blocks]
     n_chunks = math.ceil(source.num_keys / source.chunk_keys)
     show = g * q * source.num_keys > PROGRESS_PAIRS
-    for offset, keys, logw, values in tqdm(source.chunks(dtype), total=n_chunks, disable=not show,
-                                           desc="patch posterior", leave=False):
-        k_aug = augment_keys(keys)                                                 # [G, K, D+1]
+    for offset, k_aug, logw, values in tqdm(source.augmented_chunks(dtype), total=n_chunks,
+                                            disable=not show, desc="patch posterior", leave=False):
         for i, (start, stop) in enumerate(blocks):
             states[i] = kernels.accumulate(states[i], q_aug[:, start:stop], k_aug, logw, values, 1.0,
                                            key_offset=offset)
@@ -488,6 +655,121 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
             bests.append(state.topk_index[..., 0] if provenance else None)
     best = torch.cat(bests, 1) if provenance else None
     return torch.cat(means, 1), best
+
+
+def _take_state(state: kernels.SoftmaxState, rows: Tensor) -> kernels.SoftmaxState:
+    """The state of queries `rows` [q'] of a single-group state [1, Q, ...] (index_select: advanced indexing
+    is far slower on a busy machine)."""
+    pick = (lambda t: None if t is None else t.index_select(1, rows))  # noqa: E731
+    return kernels.SoftmaxState(pick(state.m), pick(state.l), pick(state.acc), pick(state.topk_logit),
+                                pick(state.topk_index))
+
+
+def _put_state(state: kernels.SoftmaxState, rows: Tensor, part: kernels.SoftmaxState) -> None:
+    state.m.index_copy_(1, rows, part.m)
+    state.l.index_copy_(1, rows, part.l)
+    state.acc.index_copy_(1, rows, part.acc)
+    if state.topk_logit is not None:
+        state.topk_logit.index_copy_(1, rows, part.topk_logit)
+        state.topk_index.index_copy_(1, rows, part.topk_index)
+
+
+def pruned_posterior(queries: Tensor, a: Tensor, s2: Tensor, bank: ClusteredBank, *,
+                     dtype: torch.dtype = torch.float32, topk: int = DEFAULT_TOPK, provenance: bool = False,
+                     tolerance: float = pruning.DEFAULT_TOLERANCE,
+                     memory_budget: float = DEFAULT_MEMORY_BUDGET) -> tuple[Tensor, Tensor | None, dict]:
+    """`softmax_posterior` over a clustered bank, skipping per query the clusters whose certified upper bound
+    on mass is negligible: the skipped mass is at most `tolerance` of the total (`pruning` module docstring).
+
+    Per block of queries: bound every cluster's mass from above and log Z from below (`pruning.cluster_bounds`),
+    then fold, per query, every cluster except those whose summed upper bounds stay within tolerance·Z
+    (`pruning.select_clusters`); when that would still fold more than FULL_PASS_FRACTION of the pairs, one
+    plain pass over the whole bank is cheaper and nothing is skipped.
+    queries: [1, Q, D]; a, s2: [1, Q] (float64). Returns (mean [1, Q, V], best [1, Q] or None, stats), stats =
+    {pairs_evaluated, pairs_total (Q × the bank before deduplication), neglected_bound (max over queries of
+    the bound on the neglected fraction of the mass)}.
+    """
+    _, q, d = queries.shape
+    # a block holds a few [q', C] float64 matrices and its softmax state
+    block = max(1, min(MAX_QUERY_BLOCK * 4, int(memory_budget // (16 * 8 * max(1, bank.index.clusters)
+                                                                  + 16 * 8 * (d + 1)))))
+    means, bests, evaluated, neglected = [], [], 0, 0.0
+    threads = torch.get_num_threads()
+    try:   # the many small operations are over before a second thread is scheduled on a shared machine
+        torch.set_num_threads(1)
+        for start in range(0, q, block):
+            sl = slice(start, start + block)
+            mean, best, pairs, bound = _pruned_block(queries[:, sl], a[:, sl], s2[:, sl], bank, dtype, topk,
+                                                     provenance, tolerance, memory_budget, threads)
+            means.append(mean)
+            bests.append(best)
+            evaluated += pairs
+            neglected = max(neglected, bound)
+    finally:
+        torch.set_num_threads(threads)
+    stats = {"pairs_evaluated": evaluated, "pairs_total": q * bank.raw_keys, "neglected_bound": neglected}
+    return torch.cat(means, 1), torch.cat(bests, 1) if provenance else None, stats
+
+
+def _pruned_block(queries: Tensor, a: Tensor, s2: Tensor, bank: ClusteredBank, dtype: torch.dtype, topk: int,
+                  provenance: bool, tolerance: float, memory_budget: float, threads: int
+                  ) -> tuple[Tensor, Tensor | None, int, float]:
+    """One block of `pruned_posterior`: (mean [1, q, V], best [1, q] or None, pairs evaluated, bound)."""
+    q = queries.shape[1]
+    exact_fix = dtype != torch.float64 and topk > 0
+    track = topk if exact_fix else (1 if provenance else 0)
+    torch.set_num_threads(threads)                                                 # two GEMMs: [q, C, D]
+    upper, lower = pruning.cluster_bounds(queries[0], a[0], s2[0], bank.index, bank.rep_keys, bank.rep_logw)
+    torch.set_num_threads(1)
+    mask, bound = pruning.select_clusters(upper, lower, tolerance)                 # [q, C], [q]
+    q_aug = augment_queries(queries, a, s2, dtype)                                   # [1, q, D+1]
+    state = kernels.init_state((1, q), bank.value_dim, dtype, queries.device, topk=track)
+    if float((mask.sum(0) * bank.index.sizes()).sum()) > FULL_PASS_FRACTION * q * bank.num_keys:
+        # little to skip: one plain pass in large chunks costs less than many small folds
+        torch.set_num_threads(threads)
+        for start, k_aug, logw, values in _pieces(bank, FULL_PASS_KEYS, dtype):
+            state = kernels.accumulate(state, q_aug, k_aug, logw, values, 1.0, key_offset=start)
+        torch.set_num_threads(1)
+        evaluated, bound = q * bank.num_keys, torch.zeros(1)
+    else:
+        evaluated = _fold_clusters(state, q_aug, bank, mask, dtype, threads)
+    if exact_fix:
+        mean, best = exact_topk_correction(state, queries, a, s2, bank, memory_budget)
+        return mean.to(dtype), best if provenance else None, evaluated, float(bound.max())
+    best = state.topk_index[..., 0] if provenance else None
+    return kernels.finalize(state), best, evaluated, float(bound.max())
+
+
+def _pieces(bank: ClusteredBank, size: int, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+    for start in range(0, bank.num_keys, size):
+        yield (start, *bank.keys_between(start, min(start + size, bank.num_keys), dtype))
+
+
+def _fold_clusters(state: kernels.SoftmaxState, q_aug: Tensor, bank: ClusteredBank, mask: Tensor,
+                   dtype: torch.dtype, threads: int) -> int:
+    """Fold into `state` (in place) cluster c for the queries where mask [q, C] is set, large folds on
+    `threads` threads, small ones on one; returns the number of pairs folded."""
+    q = q_aug.shape[1]
+    index = bank.index
+    users = mask.sum(0)                                                          # [C] queries per cluster
+    by_cluster = mask.T.contiguous()                                             # [C, q]
+    evaluated = int((users * index.sizes()).sum())
+    for c in tqdm(torch.nonzero(users).reshape(-1).tolist(), disable=evaluated < PROGRESS_PAIRS,
+                  desc="patch posterior", leave=False):
+        rows = None if int(users[c]) == q else torch.nonzero(by_cluster[c]).reshape(-1)
+        lo, hi = int(index.offsets[c]), int(index.offsets[c + 1])
+        torch.set_num_threads(1 if int(users[c]) * (hi - lo) < SMALL_FOLD_PAIRS else threads)
+        for start in range(lo, hi, PIECE_KEYS):
+            k_aug, logw, values = bank.keys_between(start, min(start + PIECE_KEYS, hi), dtype)
+            if rows is None:
+                part = kernels.accumulate(state, q_aug, k_aug, logw, values, 1.0, key_offset=start)
+                _put_state(state, torch.arange(q), part)
+            else:
+                part = kernels.accumulate(_take_state(state, rows), q_aug.index_select(1, rows), k_aug, logw,
+                                          values, 1.0, key_offset=start)
+                _put_state(state, rows, part)
+    torch.set_num_threads(1)
+    return evaluated
 
 
 def exact_topk_correction(state: kernels.SoftmaxState, queries: Tensor, a: Tensor, s2: Tensor,
@@ -546,13 +828,21 @@ class PatchPosterior:
     cache: 'auto' (build, deduplicate and keep the bank per patch size when it fits a quarter of the memory
     budget), True, or False (always stream). chunk_images: training images per streamed chunk (default: from
     the memory budget). dtype: float32 (fast, exact top-k fix) or float64 (reference).
+    prune: True, 'auto' (only banks of at least PRUNE_MIN_KEYS keys) or False (default): cluster the shared bank
+    once per patch size (`cluster_bank`) and skip, per query, the clusters whose certified bound on mass is
+    below `prune_tolerance` of the total (`pruned_posterior`). Off by default: exact to the bound, but on the
+    CPU the fused kernel folds small patches faster than the bound pass and the per-cluster folds cost, and
+    at large patches and high noise the bounds skip little. `last_stats` holds the last call's pairs
+    evaluated, pairs of the raw bank and the largest bound on the neglected fraction of the mass;
+    `history` one such dict per call.
     """
 
     def __init__(self, images: Tensor, *, grouping: str = "shared", padding: str = "circular",
                  log_weights: Tensor | None = None, valid_only: bool = False,
                  dtype: torch.dtype = torch.float32, chunk_images: int | None = None,
                  memory_budget: float = DEFAULT_MEMORY_BUDGET, cache: bool | str = "auto",
-                 topk: int = DEFAULT_TOPK) -> None:
+                 topk: int = DEFAULT_TOPK, prune: bool | str = False,
+                 prune_tolerance: float = pruning.DEFAULT_TOLERANCE, clusters: int | None = None) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise PatchConfigError(f"the bank needs images [N>0, C, H, W], got shape {tuple(images.shape)}")
         if grouping not in GROUPINGS:
@@ -570,8 +860,17 @@ class PatchPosterior:
         self.grouping, self.padding = grouping, check_padding(padding)
         self.valid_only, self.dtype, self.topk = bool(valid_only), dtype, int(topk)
         self.chunk_images, self.memory_budget, self.cache = chunk_images, float(memory_budget), cache
+        if prune not in ("auto", True, False):
+            raise PatchConfigError(f"prune must be 'auto', True or False, got {prune!r}")
+        if clusters is not None and (int(clusters) != clusters or clusters < 1):
+            raise PatchConfigError(f"clusters must be a positive integer, got {clusters!r}")
+        self.prune, self.prune_tolerance = prune, pruning.check_tolerance(prune_tolerance)
+        self.clusters = clusters
+        self.last_stats: dict = {}
+        self.history: list[dict] = []
         self._layouts: dict[int, list[GroupBatch]] = {}
         self._banks: dict[tuple[int, int], KeySource] = {}
+        self._prior_means: dict[tuple[int, int], Tensor] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -597,8 +896,19 @@ class PatchPosterior:
                                    f"{4 * raw_bytes / 2**20:.0f} MiB, over the memory budget of "
                                    f"{self.memory_budget / 2**20:.0f} MiB; use cache='auto' or False")
         source: KeySource = build_cached_bank(stream) if use_cache else stream
+        if self._prunes(source):
+            source = cluster_bank(source, self.clusters)
         self._banks[key] = source
+        self._prior_means.pop(key, None)
+        # a sampler walks through the patch sizes in order: keep the held banks within a quarter of the budget
+        while len(self._banks) > 1 and sum(_held_bytes(b) for b in self._banks.values()) > self.memory_budget / 4:
+            del self._banks[next(iter(self._banks))]
         return source
+
+    def _prunes(self, source: KeySource) -> bool:
+        if self.prune is False or source.groups != 1:
+            return False
+        return self.prune is True or source.num_keys >= PRUNE_MIN_KEYS
 
     def __call__(self, x: Tensor, alpha_bar: Tensor | float, patch_size: int,
                  return_provenance: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -625,6 +935,25 @@ class PatchPosterior:
         per_sample = h * w * (3 * (c * patch_size**2 + 1) + c + 2 + 2 * self.topk) * itemsize
         return max(1, int(self.memory_budget // (2 * per_sample)))
 
+    def _flat_logit_spread(self, q: Tensor, a: Tensor, s2: Tensor, patch_size: int) -> float:
+        """max over queries and keys of |(a/s²)·q·k − (a²/2s²)‖k‖²|, bounded with ‖k‖ ≤ √D·max|pixel|."""
+        k_max = math.sqrt(q.shape[-1]) * float(self.images.abs().max())
+        q_norm = q.double().norm(dim=-1)                                              # [G, Q]
+        return float(((a / s2) * q_norm * k_max + (a * a) / (2 * s2) * k_max**2).max())
+
+    def _prior_mean(self, patch_size: int, batch_index: int) -> Tensor:
+        """Σ_k w_k v_k / Σ_k w_k of a bank (float64 [G, V], cached): the posterior mean when logits are flat."""
+        key = (patch_size, batch_index)
+        if key not in self._prior_means:
+            source = self.bank(patch_size, batch_index)
+            source.set_chunk_keys(min(source.num_keys, ASSIGN_CHUNK_KEYS))
+            state = kernels.init_state((source.groups, 1), source.value_dim, torch.float64)
+            zero = torch.zeros(source.groups, 1, source.dim + 1, dtype=torch.float64)
+            for _, k_aug, logw, values in source.augmented_chunks(torch.float64):
+                state = kernels.accumulate_reference(state, zero, k_aug, logw, values, 1.0)
+            self._prior_means[key] = kernels.finalize(state)[:, 0].to(self.dtype)
+        return self._prior_means[key]
+
     def _denoise(self, x: Tensor, ab: Tensor, patch_size: int,
                  return_provenance: bool) -> Tensor | tuple[Tensor, Tensor]:
         b, c, h, w = x.shape
@@ -632,6 +961,8 @@ class PatchPosterior:
         queries = extract_patches(x.detach().to(self.dtype), patch_size, self.padding)   # [B, HW, D]
         out = torch.empty(b, h * w, c, dtype=self.dtype)
         prov = torch.full((b, h * w, 3), -1, dtype=torch.int64)
+        stats = {"patch_size": patch_size, "alpha_bar": ab.tolist(), "pairs_evaluated": 0, "pairs_total": 0,
+                 "neglected_bound": 0.0}
         for i, gb in enumerate(self.layout(patch_size)):
             source = self.bank(patch_size, i)
             lq = gb.query_locs.shape[1]
@@ -640,13 +971,34 @@ class PatchPosterior:
             s2_q = s2[:, None].expand(b, lq).reshape(1, -1).expand(gb.groups, -1)
             chunk = None if self.chunk_images is None or isinstance(source, CachedBank) \
                 else self.chunk_images * gb.key_locs.shape[1]
-            mean, best = softmax_posterior(q, a_q, s2_q, source, dtype=self.dtype, topk=self.topk,
-                                           provenance=return_provenance, memory_budget=self.memory_budget,
-                                           chunk_keys=chunk)
+            raw = getattr(source, "raw_keys", source.num_keys)
+            spread = self._flat_logit_spread(q, a_q, s2_q, patch_size)
+            if not return_provenance and spread <= FLAT_LOGIT_SPREAD:
+                # every logit equals logw to within `spread`: the posterior is the prior mean of the bank,
+                # exact up to a relative weight error e^{2·spread} − 1 (the first steps from pure noise)
+                mean = self._prior_mean(patch_size, i)[:, None, :].expand(gb.groups, q.shape[1], c)
+                best, part = None, {"pairs_evaluated": 0, "pairs_total": q.shape[1] * raw * gb.groups,
+                                    "neglected_bound": math.expm1(2 * spread)}
+            elif isinstance(source, ClusteredBank):
+                mean, best, part = pruned_posterior(q, a_q, s2_q, source, dtype=self.dtype, topk=self.topk,
+                                                    provenance=return_provenance, tolerance=self.prune_tolerance,
+                                                    memory_budget=self.memory_budget)
+            else:
+                mean, best = softmax_posterior(q, a_q, s2_q, source, dtype=self.dtype, topk=self.topk,
+                                               provenance=return_provenance, memory_budget=self.memory_budget,
+                                               chunk_keys=chunk)
+                part = {"pairs_evaluated": q.shape[1] * source.num_keys * gb.groups,
+                        "pairs_total": q.shape[1] * raw * gb.groups, "neglected_bound": 0.0}
+            stats["pairs_evaluated"] += part["pairs_evaluated"]
+            stats["pairs_total"] += part["pairs_total"]
+            stats["neglected_bound"] = max(stats["neglected_bound"], part["neglected_bound"])
             locs = gb.query_locs.T                                                   # [Lq, G]
             out[:, locs] = mean.reshape(gb.groups, b, lq, c).permute(1, 2, 0, 3)
             if return_provenance:
                 prov[:, locs] = source.sources(best).reshape(gb.groups, b, lq, 3).permute(1, 2, 0, 3)
+        stats["fraction"] = stats["pairs_evaluated"] / max(1, stats["pairs_total"])
+        self.last_stats = stats
+        self.history.append(stats)
         result = out.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
         if return_provenance:
             return result, prov.reshape(b, h, w, 3)
