@@ -63,12 +63,17 @@ class Denoiser(torch.nn.Module):
                 labels: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, alpha_bar: torch.Tensor | float,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def validate_call(self, x: torch.Tensor, alpha_bar: torch.Tensor | float, labels: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Check a call's inputs against this denoiser (shape, range, labels when conditional)."""
         x, ab, labels = check_denoiser_inputs(x, alpha_bar, labels, self.image_shape)
         if self.conditional and labels is None:
             raise DenoiserInputError(f"{self.name} is class-conditional: pass labels=[B] class indices")
-        return self.denoise(x, ab, labels)
+        return x, ab, labels
+
+    def forward(self, x: torch.Tensor, alpha_bar: torch.Tensor | float,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.denoise(*self.validate_call(x, alpha_bar, labels))
 
     def extra_repr(self) -> str:
         return f"image_shape={self.image_shape}, config={self.config}"

@@ -176,9 +176,7 @@ class PatchMachine(Denoiser):
     def denoise_with_provenance(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None = None,
                                 provenance: bool = True) -> tuple[Tensor, Tensor | None]:
         """(x̂₀ [B, C, H, W], provenance [B, H, W, 3] = (dataset image, y, x) of each pixel's arg-max patch)."""
-        x, alpha_bar, labels = check_denoiser_inputs(x, alpha_bar, labels, self.image_shape)
-        if self.conditional and labels is None:
-            raise DenoiserInputError(f"{self.name} is class-conditional: pass labels=[B] class indices")
+        x, alpha_bar, labels = self.validate_call(x, alpha_bar, labels)
         out = torch.empty_like(x)
         prov = torch.full((x.shape[0], *x.shape[2:], 3), -1, dtype=torch.int64) if provenance else None
         for (label, size), idx in _split_batch(alpha_bar, labels, self.conditional, self.size_of).items():
@@ -211,9 +209,7 @@ class ImageMachine(Denoiser):
     def denoise_with_provenance(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None = None,
                                 provenance: bool = True) -> tuple[Tensor, Tensor | None]:
         """(x̂₀, [B, 3] = (dataset image, shift y, shift x) of the arg-max training image or translate)."""
-        x, alpha_bar, labels = check_denoiser_inputs(x, alpha_bar, labels, self.image_shape)
-        if self.conditional and labels is None:
-            raise DenoiserInputError(f"{self.name} is class-conditional: pass labels=[B] class indices")
+        x, alpha_bar, labels = self.validate_call(x, alpha_bar, labels)
         out = torch.empty_like(x)
         prov = torch.full((x.shape[0], 3), -1, dtype=torch.int64) if provenance else None
         for (label, _), idx in _split_batch(alpha_bar, labels, self.conditional, None).items():
