@@ -70,3 +70,14 @@ def test_a_grid_finer_than_float32_resolves_is_refused_with_advice():
         sf.sampling.sample(model, torch.randn(1, 1, 4, 4), ts=ts)
     out = sf.sampling.sample(model, torch.randn(1, 1, 4, 4, dtype=torch.float64), ts=ts)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name,opts", [("is", {}), ("els", {"patch_size": 3, "padding": "circular"})])
+def test_machine_samples_do_not_depend_on_batch_size(name, opts):
+    data = sf.data.ImageSet(torch.rand(5, 1, 6, 6, generator=torch.Generator().manual_seed(4)) * 2 - 1)
+    model = sf.models.make(name, data, **opts)
+    noise = sf.sampling.initial_noise(4, (1, 6, 6), seeds=[0, 1, 2, 3])
+    together = sf.sampling.sample(model, noise, steps=8, sampler="ddim", eta=0.5, seeds=[0, 1, 2, 3])
+    apart = torch.cat([sf.sampling.sample(model, noise[i:i + 1], steps=8, sampler="ddim", eta=0.5, seeds=[i])
+                       for i in range(4)])
+    assert torch.allclose(together, apart, atol=1e-5, rtol=0)
