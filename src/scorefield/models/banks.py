@@ -1,0 +1,398 @@
+"""Key sources: where the bank's keys, log-weights and values come from.
+
+A key source holds, for G groups of queries, the keys k_j (training patches φ, or whole images for IS/ES),
+log-weights logw_j and values v_j = ϕ_j(0) of the posterior Σ_j softmax_j(ℓ_j) v_j of kamb-ganguli eq. 9–10 /
+39–40, and hands them to the streaming posterior in chunks augmented to [k, ‖k‖²]. StreamedPatches cuts patches
+from the training images on the fly (memory bounded whatever the dataset size); CachedBank holds a bank built
+once and deduplicated (identical keys merge into one key of log-weight logsumexp(logw), which is exact);
+WholeImages serves the training images or all their circular translates (IS eq. 3–4, ES eq. 5–6); ClusteredBank
+sorts a single-group bank by k-means cluster so that whole clusters can be skipped under a certified bound
+(`pruning`). Every source can return the exact float64 keys of given indices and their provenance.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from . import pruning
+from .patch_errors import PatchConfigError
+from .patch_geometry import centre_columns, gather_patches, patch_index
+
+Tensor = torch.Tensor
+
+ASSIGN_CHUNK_KEYS = 2**16                # keys cut at once while clustering a streamed bank
+
+
+def augment_keys(keys: Tensor) -> Tensor:
+    """[k, ‖k‖²]: [G, K, D+1]."""
+    return torch.cat([keys, (keys * keys).sum(-1, keepdim=True)], dim=-1)
+
+
+
+class KeySource:
+    """A bank of keys for G groups, read in chunks; keys are indexed globally within each group.
+
+    chunks(dtype) yields (offset, keys [G, K, D], logw [G, K], values [G, K, V]); gather(index [G, Q, k]) returns
+    the exact float64 keys, logw and values of given global indices (−1 = none, logw −inf); sources(index [G, Q])
+    returns [G, Q, 3] (training image, y, x) of each key (the provenance).
+    """
+
+    groups: int
+    dim: int
+    value_dim: int
+    num_keys: int            # keys per group (padded)
+    chunk_keys: int          # keys per group per chunk
+    bytes_per_key_extra: float = 0.0   # transient bytes per key while a chunk is being cut
+
+    def set_chunk_keys(self, keys: int) -> None:
+        self.chunk_keys = max(1, int(keys))
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def augmented_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        """As `chunks`, with keys augmented to [k, ‖k‖²]: [G, K, D+1] (what the kernel folds)."""
+        for offset, keys, logw, values in self.chunks(dtype):
+            yield offset, augment_keys(keys), logw, values
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+        """Keys [M, D], logw [M], values [M, V] (float32) of single-group global indices [M]."""
+        raise NotImplementedError
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def sources(self, index: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class StreamedPatches(KeySource):
+    """The patches of a training set cut on the fly, chunk by chunk of images: key j of group g is the patch
+    of image j // Lk centred at key_locs[g, j % Lk]."""
+
+    def __init__(self, images: Tensor, log_weights: Tensor, patch_size: int, padding: str,
+                 key_locs: Tensor) -> None:
+        self.images = images                                         # [N, C, H, W]
+        self.log_weights = log_weights                               # [N]
+        n, c, h, w = images.shape
+        self.width = w
+        self.key_locs = key_locs                                     # [G, Lk]
+        self.groups, self.locs_per_image = key_locs.shape
+        self.index = patch_index(h, w, patch_size, padding)          # [HW, PP]
+        self.centre = centre_columns(c, patch_size)
+        self.dim = c * patch_size * patch_size
+        self.value_dim = c
+        self.num_keys = n * self.locs_per_image
+        self.chunk_keys = self.num_keys
+        self.bytes_per_key_extra = 3.0 * self.dim                    # gathered patches before the permute
+
+    def set_chunk_keys(self, keys: int) -> None:
+        images = max(1, int(keys) // self.locs_per_image)
+        self.chunk_keys = images * self.locs_per_image
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        per_chunk = max(1, self.chunk_keys // self.locs_per_image)
+        flat_locs = self.key_locs.reshape(-1)
+        for start in range(0, self.images.shape[0], per_chunk):
+            chunk = self.images[start:start + per_chunk].to(dtype)      # [n, C, H, W]
+            n = chunk.shape[0]
+            patches = gather_patches(chunk, self.index[flat_locs])      # [n, G·Lk, D]
+            keys = patches.reshape(n, self.groups, self.locs_per_image, self.dim)
+            keys = keys.permute(1, 0, 2, 3).reshape(self.groups, n * self.locs_per_image, self.dim)
+            logw = self.log_weights[start:start + n].to(dtype)[None, :, None]
+            logw = logw.expand(self.groups, n, self.locs_per_image).reshape(self.groups, -1)
+            yield start * self.locs_per_image, keys, logw, keys[..., self.centre]
+
+    def _locate(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(image [G, ...], location [G, ...]) of global key indices [G, ...] (clamped to valid)."""
+        idx = index.clamp_min(0)
+        image = idx // self.locs_per_image
+        slot = idx % self.locs_per_image
+        g = torch.arange(self.groups).reshape(-1, *([1] * (idx.ndim - 1))).expand_as(idx)
+        return image, self.key_locs[g, slot]
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        image, loc = self._locate(index)                                  # [G, Q, k]
+        c = self.images.shape[1]
+        flat = torch.cat([self.images.reshape(self.images.shape[0], c, -1),
+                          self.images.new_zeros(self.images.shape[0], c, 1)], dim=2)   # [N, C, HW+1]
+        pix = self.index[loc]                                             # [G, Q, k, PP]
+        keys = flat[image[..., None, None], torch.arange(c)[:, None], pix[..., None, :]]  # [G, Q, k, C, PP]
+        keys = keys.reshape(*index.shape, self.dim).double()
+        logw = self.log_weights[image].double().masked_fill(index < 0, -math.inf)
+        return keys, logw, keys[..., self.centre]
+
+    def sources(self, index: Tensor) -> Tensor:
+        image, loc = self._locate(index)
+        return torch.stack([image, loc // self.width, loc % self.width], dim=-1)
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        image, loc = self._locate(index[None])                            # [1, M]
+        c = self.images.shape[1]
+        flat = torch.cat([self.images.reshape(self.images.shape[0], c, -1),
+                          self.images.new_zeros(self.images.shape[0], c, 1)], dim=2)   # [N, C, HW+1]
+        keys = flat[image[0][:, None, None], torch.arange(c)[:, None], self.index[loc[0]][:, None, :]]
+        keys = keys.reshape(index.shape[0], self.dim)                     # [M, D]
+        return keys, self.log_weights[image[0]].to(torch.float32), keys[:, self.centre]
+
+
+class CachedBank(KeySource):
+    """A bank held in memory: keys [G, K, D], logw [G, K], values [G, K, V], sources [G, K, 3]; groups padded
+    to equal K with keys of log-weight −inf (always after the real keys)."""
+
+    def __init__(self, keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> None:
+        # the augmented keys are what every call folds: kept once, the raw keys are a view of them
+        self.keys_aug = augment_keys(keys.to(torch.float32))                  # [G, K, D+1]
+        self.keys = self.keys_aug[..., :-1]
+        self.logw, self.values, self.source_table = logw, values, sources
+        self.groups, self.num_keys, self.dim = keys.shape
+        self.value_dim = values.shape[-1]
+        self.chunk_keys = self.num_keys
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys_aug, self.logw, self.values,
+                                                           self.source_table))
+
+    def augmented_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start in range(0, self.num_keys, self.chunk_keys):
+            stop = start + self.chunk_keys
+            yield (start, _augmented(self.keys_aug[:, start:stop], dtype), self.logw[:, start:stop].to(dtype),
+                   self.values[:, start:stop].to(dtype))
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.keys[0, index], self.logw[0, index].to(torch.float32), self.values[0, index]
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start in range(0, self.num_keys, self.chunk_keys):
+            stop = start + self.chunk_keys
+            yield (start, self.keys[:, start:stop].to(dtype), self.logw[:, start:stop].to(dtype),
+                   self.values[:, start:stop].to(dtype))
+
+    def _rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        g = torch.arange(self.groups).reshape(-1, *([1] * (index.ndim - 1))).expand_as(index)
+        return g, index.clamp_min(0)
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        g, j = self._rows(index)
+        logw = self.logw[g, j].double().masked_fill(index < 0, -math.inf)
+        return self.keys[g, j].double(), logw, self.values[g, j].double()
+
+    def sources(self, index: Tensor) -> Tensor:
+        g, j = self._rows(index)
+        return self.source_table[g, j]
+
+
+def _held_bytes(source: KeySource) -> int:
+    """Bytes a key source keeps in memory between calls (its cached keys, cluster order and centroids)."""
+    held = [getattr(source, name, None) for name in ("keys_aug", "logw", "values", "source_table", "rep_keys")]
+    extra = 0
+    if isinstance(source, ClusteredBank):
+        held += [source.index.order, source.index.centroids]
+        extra = _held_bytes(source.base) if isinstance(source.base, CachedBank) else 0
+    return extra + sum(t.numel() * t.element_size() for t in held if isinstance(t, Tensor))
+
+
+def _augmented(keys_aug: Tensor, dtype: torch.dtype) -> Tensor:
+    """Held float32 augmented keys in `dtype`; the ‖k‖² column is recomputed when more precision is asked."""
+    if dtype == keys_aug.dtype:
+        return keys_aug
+    return augment_keys(keys_aug[..., :-1].to(dtype))
+
+
+class WholeImages(KeySource):
+    """The training images themselves as keys and values (the IS machine, kamb-ganguli eq. 3–4 / 30–31), or,
+    with `translates`, all H·W circular translates of each (the ES machine, eq. 5–6): key j is image j // T
+    shifted by s = j % T, T = 1 or H·W."""
+
+    def __init__(self, images: Tensor, log_weights: Tensor, translates: bool = False) -> None:
+        self.images = images                                             # [N, C, H, W]
+        self.log_weights = log_weights                                   # [N]
+        n, c, h, w = images.shape
+        self.width = w
+        self.shifts = h * w if translates else 1
+        self.groups, self.dim, self.value_dim = 1, c * h * w, c * h * w
+        self.num_keys = n * self.shifts
+        self.chunk_keys = self.num_keys
+        self.bytes_per_key_extra = 2.0 * self.dim if translates else 0.0
+        # shift_index[s, p]: the source pixel of output pixel p = (py, px) under the shift s = (sy, sx)
+        ys, xs = torch.arange(h), torch.arange(w)
+        src_y = (ys[None, :, None] - ys[:, None, None]) % h                # [sy, py, 1]
+        src_x = (xs[None, None, :] - xs[:, None, None]) % w                # [sx, 1, px]
+        self.shift_index = (src_y[:, None, :, None] * w + src_x[None, :, None, :]).reshape(h * w, h * w)
+
+    def set_chunk_keys(self, keys: int) -> None:
+        self.chunk_keys = max(1, int(keys) // self.shifts) * self.shifts
+
+    def _shifted(self, image_idx: Tensor, shift: Tensor) -> Tensor:
+        """Images image_idx [M] under shifts [M] → [M, C·H·W]."""
+        n, c = image_idx.shape[0], self.images.shape[1]
+        flat = self.images.reshape(self.images.shape[0], c, -1)
+        if self.shifts == 1:
+            return flat[image_idx].reshape(n, -1)
+        return flat[image_idx[:, None, None], torch.arange(c)[:, None], self.shift_index[shift][:, None, :]
+                    ].reshape(n, -1)
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        per_chunk = max(1, self.chunk_keys // self.shifts)
+        n_img = self.images.shape[0]
+        for start in range(0, n_img, per_chunk):
+            idx = torch.arange(start, min(start + per_chunk, n_img))
+            img = idx.repeat_interleave(self.shifts)
+            shift = torch.arange(self.shifts).repeat(idx.shape[0])
+            keys = self._shifted(img, shift).to(dtype)[None]                  # [1, n·T, CHW]
+            yield start * self.shifts, keys, self.log_weights[img].to(dtype)[None], keys
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        idx = index.clamp_min(0).reshape(-1)
+        keys = self._shifted(idx // self.shifts, idx % self.shifts).double().reshape(*index.shape, self.dim)
+        logw = self.log_weights[idx // self.shifts].double().reshape(index.shape).masked_fill(index < 0, -math.inf)
+        return keys, logw, keys
+
+    def sources(self, index: Tensor) -> Tensor:
+        idx = index.clamp_min(0)
+        shift = idx % self.shifts
+        return torch.stack([idx // self.shifts, shift // self.width, shift % self.width], dim=-1)
+
+
+def row_hashes(keys: Tensor, block: int = 16384) -> Tensor:
+    """A 64-bit hash [K] of the bit pattern of each row of keys [K, D] (float32): equal rows hash equally."""
+    bits = keys.contiguous().view(torch.int32)
+    gen = torch.Generator().manual_seed(12345)
+    mult = torch.randint(1, 2**62, (keys.shape[1],), generator=gen, dtype=torch.int64) | 1   # odd multipliers
+    out = torch.empty(keys.shape[0], dtype=torch.int64)
+    for start in range(0, keys.shape[0], block):          # int64 products wrap: a deterministic hash
+        out[start:start + block] = (bits[start:start + block].long() * mult).sum(-1)
+    return out
+
+
+def unique_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """(first occurrence [U], inverse [K]) of the distinct rows of keys [K, D]: sort-free hashing, then a
+    check that every row equals its representative (exact: a hash collision falls back to a row sort)."""
+    _, inverse = torch.unique(row_hashes(keys), return_inverse=True)
+    u = int(inverse.max()) + 1 if inverse.numel() else 0
+    first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
+        0, inverse, torch.arange(keys.shape[0]), "amin")
+    if not torch.equal(keys[first][inverse], keys):
+        _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        u = int(inverse.max()) + 1
+        first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
+            0, inverse, torch.arange(keys.shape[0]), "amin")
+    return first, inverse
+
+
+def dedup_bank(keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> tuple[Tensor, ...]:
+    """Merge identical keys of one group (keys [K, D], logw [K], values [K, V], sources [K, 3]) into one key
+    with log-weight logsumexp(logw) — exact, since identical keys have identical logits and the value is a
+    function of the key whenever it is a patch centre. The source kept is the first occurrence."""
+    first, inverse = unique_rows(keys)
+    u = first.shape[0]
+    top = torch.full((u,), -math.inf, dtype=logw.dtype).scatter_reduce(0, inverse, logw, "amax")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.zeros(u, dtype=logw.dtype).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
+    return keys[first], safe + torch.log(mass), values[first], sources[first]
+
+
+def build_cached_bank(source: StreamedPatches, dedup: bool = True) -> CachedBank:
+    """Collect a streamed bank into memory, deduplicating each group (groups padded to equal size)."""
+    parts: list[tuple[Tensor, ...]] = []
+    all_keys, all_logw, all_values = [], [], []
+    for _, keys, logw, values in source.chunks(source.images.dtype):
+        all_keys.append(keys)
+        all_logw.append(logw)
+        all_values.append(values)
+    keys, logw, values = torch.cat(all_keys, 1), torch.cat(all_logw, 1), torch.cat(all_values, 1)
+    idx = torch.arange(keys.shape[1]).expand(source.groups, -1)
+    srcs = source.sources(idx)                                                 # [G, K, 3]
+    for g in range(source.groups):
+        parts.append(dedup_bank(keys[g], logw[g], values[g], srcs[g]) if dedup
+                     else (keys[g], logw[g], values[g], srcs[g]))
+    k_max = max(p[0].shape[0] for p in parts)
+
+    def pad(t: Tensor, fill: float) -> Tensor:
+        extra = t.new_full((k_max - t.shape[0], *t.shape[1:]), fill)
+        return torch.cat([t, extra], 0)
+
+    bank = CachedBank(torch.stack([pad(p[0], 0.0) for p in parts]),
+                      torch.stack([pad(p[1], -math.inf) for p in parts]),
+                      torch.stack([pad(p[2], 0.0) for p in parts]),
+                      torch.stack([pad(p[3], -1) for p in parts]))
+    bank.raw_keys = source.num_keys
+    return bank
+
+
+class ClusteredBank(KeySource):
+    """A single-group bank sorted by cluster, with a centroid, radius and log-mass per cluster
+    (`pruning.ClusterIndex`) so that whole clusters can be skipped with a certified bound.
+
+    Keys are held sorted and augmented when the base bank is cached; for a streamed base only the cluster
+    order is held ([K] indices) and each cluster's patches are cut from the images when it is needed, so
+    memory stays bounded whatever the training set size. Global key indices refer to the sorted order."""
+
+    def __init__(self, base: KeySource, index: pruning.ClusterIndex) -> None:
+        if base.groups != 1:
+            raise PatchConfigError("a clustered bank holds one group of keys")
+        self.base, self.index = base, index
+        self.groups, self.dim, self.value_dim = 1, base.dim, base.value_dim
+        self.num_keys = int(index.order.shape[0])
+        self.chunk_keys = self.num_keys
+        self.raw_keys = getattr(base, "raw_keys", base.num_keys)
+        self.held = isinstance(base, CachedBank)
+        rep_keys, rep_logw, _ = base.take(index.order[index.representative])
+        self.rep_keys, self.rep_logw = rep_keys.double(), rep_logw.double()         # [C, D], [C]
+        if self.held:
+            keys, logw, values = base.take(index.order)
+            self.keys_aug = augment_keys(keys)[None]                         # [1, K, D+1] sorted
+            self.logw, self.values = logw[None], values[None]                # [1, K], [1, K, V]
+
+    def keys_between(self, start: int, stop: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Sorted keys start…stop−1: (augmented keys [1, k, D+1], logw [1, k], values [1, k, V])."""
+        if self.held:
+            return (_augmented(self.keys_aug[:, start:stop], dtype), self.logw[:, start:stop].to(dtype),
+                    self.values[:, start:stop].to(dtype))
+        keys, logw, values = self.base.take(self.index.order[start:stop])
+        return augment_keys(keys.to(dtype))[None], logw.to(dtype)[None], values.to(dtype)[None]
+
+    def augmented_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start in range(0, self.num_keys, self.chunk_keys):
+            stop = min(start + self.chunk_keys, self.num_keys)
+            yield (start, *self.keys_between(start, stop, dtype))
+
+    def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        for start, k_aug, logw, values in self.augmented_chunks(dtype):
+            yield start, k_aug[..., :-1], logw, values
+
+    def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        keys, logw, values = self.base.gather(self.index.order[index.clamp_min(0)])
+        return keys, logw.masked_fill(index < 0, -math.inf), values
+
+    def sources(self, index: Tensor) -> Tensor:
+        return self.base.sources(self.index.order[index.clamp_min(0)])
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.base.take(self.index.order[index])
+
+
+def cluster_bank(base: KeySource, clusters: int | None = None, seed: int = 0) -> ClusteredBank:
+    """Cluster a single-group bank (cached or streamed) once: k-means centroids from a sample of keys, then
+    one pass assigning every key to its nearest centroid and recording its exact distance (the radius)."""
+    k = base.num_keys
+    clusters = pruning.default_cluster_count(k, base.dim) if clusters is None else int(clusters)
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(k, generator=gen)[:min(k, pruning.SAMPLE_PER_CLUSTER * clusters)]
+    centroids = pruning.kmeans_centroids(base.take(sample.sort().values)[0].to(torch.float32), clusters, gen)
+    labels, dists, logws = [], [], []
+    if isinstance(base, CachedBank):
+        parts = [(base.keys[0], base.logw[0])]
+    else:
+        base.set_chunk_keys(min(k, ASSIGN_CHUNK_KEYS))
+        parts = ((keys[0], logw[0]) for _, keys, logw, _ in base.chunks(torch.float32))
+    for keys, logw in parts:
+        label, dist = pruning.nearest_centroid(keys, centroids)
+        labels.append(label)
+        dists.append(dist)
+        logws.append(logw)
+    index = pruning.build_cluster_index(torch.cat(labels), torch.cat(dists), torch.cat(logws), centroids)
+    return ClusteredBank(base, index)
+
