@@ -178,3 +178,44 @@ def test_many_query_blocks_and_key_tiles(dim):
     got = accumulate(start, queries, keys, bias, values, 0.5 / dim**0.5, key_offset=11)
     _assert_close_states(got, ref)
     assert torch.equal(got.topk_index, ref.topk_index)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dim", [16, 17, 28, 50, 64, 65])
+def test_direct_path_edges_with_topk(dim):
+    """D around the direct-path limit, rows not a multiple of the 6-row block, keys not a multiple of the
+    16-key panel and longer than one key tile, a top-k that is not yet full in the first chunk."""
+    gen = torch.Generator().manual_seed(100 + dim)
+    queries, keys, bias, values = _problem(gen, (), 13, 1061, dim, 4)
+    chunks = [3, 17, 530, 511]
+    scale = 0.6 / dim**0.5
+    start = init_state((13,), 4, topk=8)
+    ref = _fold(accumulate_reference, start, queries, keys, bias, values, scale, chunks)
+    got = _fold(accumulate, start, queries, keys, bias, values, scale, chunks)
+    assert fastkernel.try_accumulate(start, queries, keys, bias, values, scale) is not None
+    _assert_close_states(got, ref)
+    assert torch.equal(got.topk_index, ref.topk_index)
+    torch.testing.assert_close(got.topk_logit, ref.topk_logit, rtol=1e-5, atol=1e-4)
+
+
+@needs_compiler
+def test_padded_panel_keys_never_enter_topk():
+    """Fewer real keys than the top-k holds, all in one padded panel: the padding must stay out."""
+    gen = torch.Generator().manual_seed(12)
+    queries, keys, bias, values = _problem(gen, (), 7, 5, 30, 1)
+    start = init_state((7,), 1, topk=8)
+    got = fastkernel.try_accumulate(start, queries, keys, bias, values, 0.2, key_offset=40)
+    ref = accumulate_reference(start, queries, keys, bias, values, 0.2, key_offset=40)
+    assert got is not None
+    assert torch.equal(got.topk_index, ref.topk_index)
+    assert (got.topk_index[:, 5:] == -1).all() and torch.isinf(got.topk_logit[:, 5:]).all()
+    _assert_close_states(got, ref)
+
+
+def test_key_panels_layout():
+    keys = torch.arange(2 * 20 * 3, dtype=torch.float32).reshape(2, 20, 3)   # [G, K, D]
+    panels = fastkernel._key_panels(keys)                                      # [G, 2, D, 16]
+    assert panels.shape == (2, 2, 3, fastkernel.KEY_PANEL)
+    assert torch.equal(panels[1, 0, 2], keys[1, :16, 2])
+    assert torch.equal(panels[0, 1, 1, :4], keys[0, 16:, 1])
+    assert (panels[:, 1, :, 4:] == 0).all()

@@ -6,11 +6,14 @@
 // scorefield.models.kernels.accumulate_reference does (Kamb & Ganguli, eq. 9-10 / 39-40: the Bayes weights
 // of the ELS machine are a softmax over bank patches and the output is their weighted mean of centre pixels).
 //
-// What makes it fast: the score tile of a block of query rows x a block of keys stays in L2; the GEMM writes
-// it once (BLAS sgemm for large D, a small register-blocked kernel for small D), then each row is read twice
-// from L1 (max, then exp + sum + V weighted sums fused, with a polynomial exp that never takes a denormal
-// path). Vectors of 8 keys whose logits all lie below the floor (weight < e^-80 relative to the running max)
-// skip the exp. Row statistics are accumulated in double within one call. Plain C ABI for ctypes.
+// What makes it fast: the score tile of a block of query rows x a block of keys stays in L2. For large D BLAS
+// sgemm writes it, then each row is read twice (max, then exp + sum + V weighted sums fused, with a
+// polynomial exp that never takes a denormal path). For D <= 64 a register-blocked kernel over keys packed in
+// panels of 16 writes the logits with the bias added and the row max taken as they leave the registers, so
+// each row is read once (exp + sums, with the top-k search folded into the same sweep when the row can
+// change the top-k). Vectors of 8 keys whose logits all lie below the floor (weight < e^-80 relative to the
+// running max) skip the exp. Row statistics are accumulated in double within one call. Plain C ABI for
+// ctypes.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -48,14 +51,16 @@ inline float hmax(v8f v) {
   for (int i = 1; i < 8; ++i) s = std::max(s, v[i]);
   return s;
 }
-inline bool any_lane(v8i mask) {
+inline int lane_bits(v8i mask) {  // bit t set when lane t of the comparison is true
 #if defined(__AVX__)
-  return _mm256_movemask_ps(reinterpret_cast<__m256>(mask)) != 0;
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(mask));
 #else
-  for (int i = 0; i < 8; ++i) if (mask[i]) return true;
-  return false;
+  int bits = 0;
+  for (int i = 0; i < 8; ++i) bits |= (mask[i] ? 1 : 0) << i;
+  return bits;
 #endif
 }
+inline bool any_lane(v8i mask) { return lane_bits(mask) != 0; }
 
 // exp on [floor, ~0]: Cody-Waite reduction x = n ln2 + r, degree-6 polynomial for e^r (Cephes expf,
 // about 1 ulp), 2^n built in the exponent bits. Inputs are clamped at the floor, so no denormals.
@@ -81,62 +86,69 @@ inline v8f exp8(v8f x) {
   return y * two_n;
 }
 
-// S[i, j] = alpha * sum_d q[i, d] * kT[d, j] for nq rows and nk keys (keys transposed: kT is [D, ldk]).
-void direct_tile(const float* q, int64_t D, int64_t nq, const float* kT, int64_t ldk, int64_t nk, float alpha,
-                 float* S, int64_t lds) {
-  int64_t i = 0;
-  for (; i + 4 <= nq; i += 4) {
-    const float* q0 = q + i * D;
-    int64_t j = 0;
-    for (; j + 16 <= nk; j += 16) {  // 4 rows x 16 keys: 8 accumulators, 6 loads per 8 FMAs
-      v8f a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-      for (int64_t d = 0; d < D; ++d) {
-        v8f ka = load8(kT + d * ldk + j), kb = load8(kT + d * ldk + j + 8);
-        float c0 = q0[d], c1 = q0[D + d], c2 = q0[2 * D + d], c3 = q0[3 * D + d];
-        a0 += c0 * ka; b0 += c0 * kb;
-        a1 += c1 * ka; b1 += c1 * kb;
-        a2 += c2 * ka; b2 += c2 * kb;
-        a3 += c3 * ka; b3 += c3 * kb;
-      }
-      store8(S + i * lds + j, a0 * alpha); store8(S + i * lds + j + 8, b0 * alpha);
-      store8(S + (i + 1) * lds + j, a1 * alpha); store8(S + (i + 1) * lds + j + 8, b1 * alpha);
-      store8(S + (i + 2) * lds + j, a2 * alpha); store8(S + (i + 2) * lds + j + 8, b2 * alpha);
-      store8(S + (i + 3) * lds + j, a3 * alpha); store8(S + (i + 3) * lds + j + 8, b3 * alpha);
+// Direct path (small D). Keys come packed in panels of 16: panel b holds keys 16b..16b+15 as [D, 16] (the
+// last panel zero-padded), so the 16 keys of one d are two adjacent 8-wide vectors and a panel is one
+// contiguous stream. Logits l = alpha * q.k + bias of R query rows x 16 keys accumulate in registers and are
+// stored to the score tile with the bias already added while each row's running max is updated: the tile is
+// then read only once.
+constexpr int64_t kPanel = 16;
+
+template <int R>
+inline void logit_block(const float* q, int64_t D, const float* panel, float alpha, const float* bias,
+                        float* S, int64_t lds, v8f* rmax) {
+  v8f a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = splat(0.f);
+  for (int64_t d = 0; d < D; ++d) {
+    const v8f k0 = load8(panel + d * kPanel), k1 = load8(panel + d * kPanel + 8);
+    for (int r = 0; r < R; ++r) {
+      const float c = q[r * D + d];
+      a[r][0] += c * k0;
+      a[r][1] += c * k1;
     }
-    for (; j + 8 <= nk; j += 8) {
-      v8f a0 = splat(0.f), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t d = 0; d < D; ++d) {
-        v8f kv = load8(kT + d * ldk + j);
-        a0 += q0[d] * kv;
-        a1 += q0[D + d] * kv;
-        a2 += q0[2 * D + d] * kv;
-        a3 += q0[3 * D + d] * kv;
-      }
-      store8(S + i * lds + j, a0 * alpha);
-      store8(S + (i + 1) * lds + j, a1 * alpha);
-      store8(S + (i + 2) * lds + j, a2 * alpha);
-      store8(S + (i + 3) * lds + j, a3 * alpha);
-    }
-    for (; j < nk; ++j)
-      for (int r = 0; r < 4; ++r) {
-        float a = 0.f;
-        for (int64_t d = 0; d < D; ++d) a += q0[r * D + d] * kT[d * ldk + j];
-        S[(i + r) * lds + j] = a * alpha;
-      }
   }
-  for (; i < nq; ++i) {
-    const float* qi = q + i * D;
-    int64_t j = 0;
-    for (; j + 8 <= nk; j += 8) {
-      v8f a = splat(0.f);
-      for (int64_t d = 0; d < D; ++d) a += qi[d] * load8(kT + d * ldk + j);
-      store8(S + i * lds + j, a * alpha);
+  for (int v = 0; v < 2; ++v) {
+    const v8f b = load8(bias + 8 * v);
+    for (int r = 0; r < R; ++r) {
+      const v8f x = a[r][v] * alpha + b;
+      store8(S + r * lds + 8 * v, x);
+      rmax[r] = x > rmax[r] ? x : rmax[r];
     }
-    for (; j < nk; ++j) {
-      float a = 0.f;
-      for (int64_t d = 0; d < D; ++d) a += qi[d] * kT[d * ldk + j];
-      S[i * lds + j] = a * alpha;
-    }
+  }
+}
+
+// R rows x nk keys of biased logits into S (rows of lds >= nk rounded up to 16), each row's max into row_max.
+template <int R>
+void logit_rows(const float* q, int64_t D, const float* panels, int64_t nk, float alpha, const float* bias,
+                float* S, int64_t lds, float* row_max) {
+  v8f rmax[R];
+  for (int r = 0; r < R; ++r) rmax[r] = splat(-INFINITY);
+  int64_t j = 0;
+  for (; j + kPanel <= nk; j += kPanel)
+    logit_block<R>(q, D, panels + j * D, alpha, bias + j, S + j, lds, rmax);
+  if (j < nk) {  // the padded last panel: its missing keys get bias -inf, so they never raise the max
+    float padded[kPanel];
+    for (int64_t t = 0; t < kPanel; ++t) padded[t] = j + t < nk ? bias[j + t] : -INFINITY;
+    logit_block<R>(q, D, panels + j * D, alpha, padded, S + j, lds, rmax);
+  }
+  for (int r = 0; r < R; ++r) row_max[r] = hmax(rmax[r]);
+}
+
+// S[i, j] = alpha * q_i.k_j + bias_j for nq rows and nk keys, row_max[i] = max_j S[i, j].
+void direct_tile(const float* q, int64_t D, int64_t nq, const float* panels, int64_t nk, float alpha,
+                 const float* bias, float* S, int64_t lds, float* row_max) {
+  constexpr int kRows = 6;  // 6 rows x 16 keys: 12 accumulators, 8 loads per 12 FMAs (FMA-bound)
+  int64_t i = 0;
+  for (; i + kRows <= nq; i += kRows)
+    logit_rows<kRows>(q + i * D, D, panels, nk, alpha, bias, S + i * lds, lds, row_max + i);
+  const float* qi = q + i * D;
+  float* Si = S + i * lds;
+  switch (nq - i) {
+    case 5: logit_rows<5>(qi, D, panels, nk, alpha, bias, Si, lds, row_max + i); break;
+    case 4: logit_rows<4>(qi, D, panels, nk, alpha, bias, Si, lds, row_max + i); break;
+    case 3: logit_rows<3>(qi, D, panels, nk, alpha, bias, Si, lds, row_max + i); break;
+    case 2: logit_rows<2>(qi, D, panels, nk, alpha, bias, Si, lds, row_max + i); break;
+    case 1: logit_rows<1>(qi, D, panels, nk, alpha, bias, Si, lds, row_max + i); break;
+    default: break;
   }
 }
 
@@ -155,30 +167,27 @@ struct RowTopk {
     logit[p] = x;
     index[p] = idx;
   }
+  // Offer 8 consecutive keys, in key order. thr is the caller's splat of the k-th largest logit, refreshed
+  // here after an insertion: only lanes above it can enter, and offer() re-checks each one exactly.
+  void offer8(v8f x, int64_t idx0, v8f& thr) {
+    int bits = lane_bits(x > thr);
+    if (!bits) return;
+    float xs[8];
+    store8(xs, x);
+    for (; bits; bits &= bits - 1) {
+      const int t = __builtin_ctz(static_cast<unsigned>(bits));
+      offer(xs[t], idx0 + t);
+    }
+    thr = splat(logit[k - 1]);
+  }
 };
 
-// Fold one row of scores (s + bias) into (m, l, acc). Returns nothing; m/l/acc are the row's running state.
-template <int V>
-void fold_row(const float* s, const float* bias, const float* valsT, int64_t ldv, int64_t nk, float& m,
-              double& l, double* acc, RowTopk* topk, int64_t idx0) {
-  // pass 1: the row max (and top-k candidates, rare after the first tiles)
-  v8f vmax = splat(-INFINITY);
-  int64_t j = 0;
-  for (; j + 8 <= nk; j += 8) {
-    v8f x = load8(s + j) + load8(bias + j);
-    vmax = x > vmax ? x : vmax;
-    if (topk) {
-      v8i hit = x > splat(topk->logit[topk->k - 1]);
-      if (any_lane(hit))
-        for (int t = 0; t < 8; ++t) topk->offer(x[t], idx0 + j + t);
-    }
-  }
-  float mx = hmax(vmax);
-  for (; j < nk; ++j) {
-    float x = s[j] + bias[j];
-    mx = std::max(mx, x);
-    if (topk) topk->offer(x, idx0 + j);
-  }
+// Pass 2 of a row: rescale the running state to the new max mx, then weights exp(x - m), their sum and the V
+// weighted sums in one sweep, where x = s (+ bias when kBias); with kTopk the same sweep offers x to the
+// row's top-k (before the floor test: a key far below the max still enters a top-k that is not yet full).
+template <int V, bool kBias, bool kTopk = false>
+void fold_weights(const float* s, const float* bias, const float* valsT, int64_t ldv, int64_t nk, float mx,
+                  float& m, double& l, double* acc, RowTopk* topk = nullptr, int64_t idx0 = 0) {
   if (!(mx > m)) mx = m;  // keep the running max when the row brings nothing larger
   if (mx > m) {
     double r = std::exp(static_cast<double>(m) - static_cast<double>(mx));  // 0 for an empty state
@@ -186,15 +195,23 @@ void fold_row(const float* s, const float* bias, const float* valsT, int64_t ldv
     for (int v = 0; v < V; ++v) acc[v] *= r;
     m = mx;
   }
-  if (!std::isfinite(m)) return;
-  // pass 2: weights, their sum and the V weighted sums in one sweep
+  if (!std::isfinite(m)) {
+    if constexpr (kTopk)
+      for (int64_t j = 0; j < nk; ++j) topk->offer(s[j], idx0 + j);
+    return;
+  }
   const v8f vm = splat(m), floor = splat(kLogitFloor);
+  v8f thr = kTopk ? splat(topk->logit[topk->k - 1]) : vm;
   v8f sl = splat(0.f);
   v8f sa[V];
   for (int v = 0; v < V; ++v) sa[v] = splat(0.f);
-  j = 0;
-  for (; j + 8 <= nk; j += 8) {
-    v8f x = load8(s + j) + load8(bias + j) - vm;
+  int64_t j = 0;
+#pragma GCC unroll 2
+  for (; j + 8 <= nk; j += 8) {  // unrolled: two independent exp chains in flight
+    v8f x = load8(s + j);
+    if constexpr (kBias) x += load8(bias + j);
+    if constexpr (kTopk) topk->offer8(x, idx0 + j, thr);
+    x -= vm;
     if (!any_lane(x > floor)) continue;  // every weight below e^-80 of the max: negligible
     v8f w = exp8(x);
     sl += w;
@@ -204,7 +221,10 @@ void fold_row(const float* s, const float* bias, const float* valsT, int64_t ldv
   double ta[V];
   for (int v = 0; v < V; ++v) ta[v] = hsum(sa[v]);
   for (; j < nk; ++j) {
-    float x = std::max(s[j] + bias[j] - m, kLogitFloor);
+    float x = s[j];
+    if constexpr (kBias) x += bias[j];
+    if constexpr (kTopk) topk->offer(x, idx0 + j);
+    x = std::max(x - m, kLogitFloor);
     double w = std::exp(static_cast<double>(x));
     tl += w;
     for (int v = 0; v < V; ++v) ta[v] += w * valsT[v * ldv + j];
@@ -213,11 +233,44 @@ void fold_row(const float* s, const float* bias, const float* valsT, int64_t ldv
   for (int v = 0; v < V; ++v) acc[v] += ta[v];
 }
 
+// Fold one row of scores (s + bias) into (m, l, acc): pass 1 finds the row max (and top-k candidates, rare
+// after the first tiles), pass 2 the weights.
+template <int V>
+void fold_row(const float* s, const float* bias, const float* valsT, int64_t ldv, int64_t nk, float& m,
+              double& l, double* acc, RowTopk* topk, int64_t idx0) {
+  v8f vmax = splat(-INFINITY);
+  v8f thr = topk ? splat(topk->logit[topk->k - 1]) : vmax;
+  int64_t j = 0;
+  for (; j + 8 <= nk; j += 8) {
+    v8f x = load8(s + j) + load8(bias + j);
+    vmax = x > vmax ? x : vmax;
+    if (topk) topk->offer8(x, idx0 + j, thr);
+  }
+  float mx = hmax(vmax);
+  for (; j < nk; ++j) {
+    float x = s[j] + bias[j];
+    mx = std::max(mx, x);
+    if (topk) topk->offer(x, idx0 + j);
+  }
+  fold_weights<V, true>(s, bias, valsT, ldv, nk, mx, m, l, acc);
+}
+
+// Fold one row of biased logits whose max mx is already known (direct path): top-k candidates are searched,
+// in the weight sweep, only when the row holds a logit above the current k-th largest.
+template <int V>
+void fold_logit_row(const float* s, float mx, const float* valsT, int64_t ldv, int64_t nk, float& m,
+                    double& l, double* acc, RowTopk* topk, int64_t idx0) {
+  if (topk && mx > topk->logit[topk->k - 1])
+    fold_weights<V, false, true>(s, nullptr, valsT, ldv, nk, mx, m, l, acc, topk, idx0);
+  else
+    fold_weights<V, false>(s, nullptr, valsT, ldv, nk, mx, m, l, acc);
+}
+
 struct Problem {
   int64_t G, Q, K, D, V;
   const float* q; int64_t q_gs;
   const float* keys; int64_t k_gs;    // [K, D] per group (BLAS path)
-  const float* keysT; int64_t kT_gs;  // [D, K] per group (direct path)
+  const float* keysP; int64_t kP_gs;  // [ceil(K / 16), D, 16] per group (direct path)
   const float* bias; int64_t b_gs;
   const float* valsT; int64_t v_gs;   // [V, K] per group
   const float* scale; int64_t s_gs;
@@ -240,6 +293,7 @@ void run_block(const Problem& p, int64_t g, int64_t q0, std::vector<float>& tile
     for (int v = 0; v < V; ++v) acc[i * V + v] = p.acc[(g * p.Q + q0 + i) * V + v];
   }
   std::vector<RowTopk> tops;
+  std::vector<float> row_max(static_cast<size_t>(nq));
   if (p.topk > 0)
     for (int64_t i = 0; i < nq; ++i)
       tops.push_back({p.topk, p.tk_logit + (g * p.Q + q0 + i) * p.topk, p.tk_index + (g * p.Q + q0 + i) * p.topk});
@@ -247,20 +301,23 @@ void run_block(const Problem& p, int64_t g, int64_t q0, std::vector<float>& tile
     const int64_t nk = std::min(p.block_k, p.K - k0);
     float* S = tile.data();
     const int64_t lds = p.block_k;
+    const float* bias = p.bias + g * p.b_gs + k0;
+    const float* valsT = p.valsT + g * p.v_gs + k0;
     if (p.sgemm) {
       // column-major view: S^T [nk, nq] = keys_tile [nk, D] * q^T [D, nq]
       const int m_ = static_cast<int>(nk), n_ = static_cast<int>(nq), k_ = static_cast<int>(p.D);
       const int lda = static_cast<int>(p.D), ldb = static_cast<int>(p.D), ldc = static_cast<int>(lds);
       const float beta = 0.f;
       p.sgemm("T", "N", &m_, &n_, &k_, &alpha, p.keys + g * p.k_gs + k0 * p.D, &lda, q, &ldb, &beta, S, &ldc);
+      for (int64_t i = 0; i < nq; ++i)
+        fold_row<V>(S + i * lds, bias, valsT, p.K, nk, m[i], l[i], acc + i * V,
+                    p.topk > 0 ? &tops[i] : nullptr, p.key_offset + k0);
     } else {
-      direct_tile(q, p.D, nq, p.keysT + g * p.kT_gs + k0, p.K, nk, alpha, S, lds);
+      direct_tile(q, p.D, nq, p.keysP + g * p.kP_gs + k0 * p.D, nk, alpha, bias, S, lds, row_max.data());
+      for (int64_t i = 0; i < nq; ++i)
+        fold_logit_row<V>(S + i * lds, row_max[i], valsT, p.K, nk, m[i], l[i], acc + i * V,
+                          p.topk > 0 ? &tops[i] : nullptr, p.key_offset + k0);
     }
-    const float* bias = p.bias + g * p.b_gs + k0;
-    const float* valsT = p.valsT + g * p.v_gs + k0;
-    for (int64_t i = 0; i < nq; ++i)
-      fold_row<V>(S + i * lds, bias, valsT, p.K, nk, m[i], l[i], acc + i * V,
-                  p.topk > 0 ? &tops[i] : nullptr, p.key_offset + k0);
   }
   for (int64_t i = 0; i < nq; ++i) {
     p.l[g * p.Q + q0 + i] = static_cast<float>(l[i]);
@@ -285,17 +342,19 @@ void run_all(const Problem& p, int nthreads) {
 
 extern "C" {
 
-int sf_kernel_version() { return 1; }
+int sf_kernel_version() { return 2; }
 
-// Returns 0 on success, 1 for an unsupported value dimension.
+// Returns 0 on success, 1 for an unsupported value dimension or (direct path) a key tile that is not a
+// multiple of 16 keys.
 int sf_accumulate(int64_t G, int64_t Q, int64_t K, int64_t D, int64_t V,
-                  const float* q, int64_t q_gs, const float* keys, int64_t k_gs, const float* keysT, int64_t kT_gs,
+                  const float* q, int64_t q_gs, const float* keys, int64_t k_gs, const float* keysP, int64_t kP_gs,
                   const float* bias, int64_t b_gs, const float* valsT, int64_t v_gs, const float* scale,
                   int64_t s_gs, float* m, float* l, float* acc, int64_t topk, float* tk_logit,
                   int64_t* tk_index, int64_t key_offset, int64_t block_q, int64_t block_k, int nthreads,
                   void* sgemm) {
-  Problem p{G, Q, K, D, V, q, q_gs, keys, k_gs, keysT, kT_gs, bias, b_gs, valsT, v_gs, scale, s_gs,
+  Problem p{G, Q, K, D, V, q, q_gs, keys, k_gs, keysP, kP_gs, bias, b_gs, valsT, v_gs, scale, s_gs,
             m, l, acc, topk, tk_logit, tk_index, key_offset, block_q, block_k, reinterpret_cast<sgemm_fn>(sgemm)};
+  if (!p.sgemm && p.block_k % kPanel != 0) return 1;
   switch (V) {
     case 1: run_all<1>(p, nthreads); return 0;
     case 2: run_all<2>(p, nthreads); return 0;

@@ -30,12 +30,16 @@ SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "patch_softmax.cpp"
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BUILD_TIMEOUT_S = 120
 MAX_VALUE_DIM = 4
-# Below this patch dimension the kernel's own register-blocked dot products beat a BLAS call per tile.
-DIRECT_MAX_DIM = 16
-# Query rows x keys per score tile (256 KiB or 512 KiB of float32: stays in L2). Large D wants more query rows
-# per tile so that each BLAS call is big enough to run near peak.
-BLOCK_Q, BLOCK_Q_LARGE_D, BLOCK_K = 128, 256, 512
+# Up to this patch dimension the kernel's own register-blocked logits (6 query rows x 16 keys in registers, the
+# bias and the row max folded in as they are stored) beat a BLAS call per tile, which writes a score tile that
+# then needs a separate max pass.
+DIRECT_MAX_DIM = 64
+# Query rows x keys per score tile (96 KiB, 256 KiB or 512 KiB of float32: stays in L2). The direct path runs
+# at the same speed for 48-256 rows and small blocks balance the threads; large D wants more query rows per
+# tile so that each BLAS call is big enough to run near peak.
+BLOCK_Q_DIRECT, BLOCK_Q, BLOCK_Q_LARGE_D, BLOCK_K = 48, 128, 256, 512
 LARGE_D = 64
+KEY_PANEL = 16  # keys per packed panel of the direct path (BLOCK_K is a multiple of it)
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -214,7 +218,7 @@ def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: T
     v_t = v.transpose(-1, -2).contiguous()                     # [G or 1, V, K]
     v_gs = v_t[0].numel() if v_t.shape[0] > 1 else 0
     use_blas = _sgemm is not None and dim > DIRECT_MAX_DIM
-    k_t = None if use_blas else k.transpose(-1, -2).contiguous()  # [G or 1, D, K]
+    k_p = None if use_blas else _key_panels(k)                   # [G or 1, ceil(K / 16), D, 16]
     m = state.m.reshape(groups, n_q).clone()
     l = state.l.reshape(groups, n_q).clone()
     acc = state.acc.reshape(groups, n_q, n_values).clone()
@@ -226,10 +230,10 @@ def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: T
     ptr = _pointer
     code = _library.sf_accumulate(
         groups, n_q, n_keys, dim, n_values,
-        ptr(q), n_q * dim, ptr(k), k_gs, ptr(k_t), k_t[0].numel() if k_t is not None and k_gs else 0,
+        ptr(q), n_q * dim, ptr(k), k_gs, ptr(k_p), k_p[0].numel() if k_p is not None and k_gs else 0,
         ptr(b), b_gs, ptr(v_t), v_gs, ptr(scale_g), 1 if scale_g.numel() > 1 else 0,
         ptr(m), ptr(l), ptr(acc), topk, ptr(tk_logit), ptr(tk_index), int(key_offset),
-        BLOCK_Q_LARGE_D if dim > LARGE_D else BLOCK_Q, BLOCK_K, torch.get_num_threads(), _sgemm if use_blas else None)
+        _block_q(dim, use_blas), BLOCK_K, torch.get_num_threads(), _sgemm if use_blas else None)
     if code != 0:
         return None
     out = type(state)(m.reshape(state.m.shape), l.reshape(state.l.shape), acc.reshape(state.acc.shape))
@@ -237,6 +241,19 @@ def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: T
         out.topk_logit = tk_logit.reshape(state.topk_logit.shape)
         out.topk_index = tk_index.reshape(state.topk_index.shape)
     return out
+
+
+def _key_panels(keys: Tensor) -> Tensor:
+    """keys [G, K, D] -> [G, ceil(K / 16), D, 16], zero-padded: 16 keys of one dimension lie side by side."""
+    groups, n_keys, dim = keys.shape
+    padded = torch.nn.functional.pad(keys, (0, 0, 0, -n_keys % KEY_PANEL))
+    return padded.reshape(groups, -1, KEY_PANEL, dim).transpose(-1, -2).contiguous()
+
+
+def _block_q(dim: int, use_blas: bool) -> int:
+    if not use_blas:
+        return BLOCK_Q_DIRECT
+    return BLOCK_Q_LARGE_D if dim > LARGE_D else BLOCK_Q
 
 
 def _pointer(t: Tensor | None) -> int | None:

@@ -113,8 +113,10 @@ def accumulate(state: SoftmaxState, queries: Tensor, keys: Tensor, bias: Tensor,
     """Fold one chunk of keys into `state`: the entry point the engine calls.
 
     Same arguments, shapes and result as `accumulate_reference`. float32 work on the CPU runs in the compiled
-    fused kernel (`fastkernel`: tiled GEMM, then one max pass and one exp + sum + weighted-sum pass per score
-    row while the tile is in cache); everything else (float64, other devices, autograd, value dims > 4,
+    fused kernel (`fastkernel`: for D ≤ 64 a register-blocked dot product that adds the bias and takes each
+    row's max as the logits leave the registers, for larger D a tiled sgemm and a max pass; then one exp + sum +
+    weighted-sum sweep per score row, with top-k offers, while the tile is in cache); everything else
+    (float64, other devices, autograd, value dims > 4,
     scale shapes other than scalar or per-group) runs the pure-torch reference.
     """
     if keys.shape[-2] == 0:
