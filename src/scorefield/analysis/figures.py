@@ -1,32 +1,43 @@
-"""Small figure helpers shared by commands: image grids."""
+"""Small figure helpers shared by commands: image grids (the tiling itself is `data.grid.image_grid`)."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
+from ..data.grid import image_grid
 
-def to_display(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] (or [N, H, W] for C = 1) in [0, 1] for imshow."""
-    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    x = np.clip((x + 1) / 2, 0, 1).transpose(0, 2, 3, 1)
+
+def to_display(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W] (C = 1) or [N, H, W, C] in [0, 1] for imshow."""
+    x = ((images.detach().cpu().float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
     return x[..., 0] if x.shape[-1] == 1 else x
 
 
-def image_grid_figure(rows: list[torch.Tensor], row_titles: list[str] | None = None,
-                      col_titles: list[str] | None = None, max_cols: int = 16, scale: float = 0.9):
-    """A figure with one row of images per tensor in `rows` (each [N, C, H, W] in [-1, 1])."""
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    n_cols = min(max_cols, max(int(r.shape[0]) for r in rows))
-    if len(rows) == 1 and rows[0].shape[0] > max_cols:   # one long row wraps into a square-ish grid
-        n = int(rows[0].shape[0])
-        n_cols = math.ceil(math.sqrt(n))
-        rows = [rows[0][i:i + n_cols] for i in range(0, n, n_cols)]
-        row_titles = None
+
+def grid_figure(images: torch.Tensor, columns: int | None = None, scale: float = 0.6):
+    """A figure of images [N, C, H, W] in [-1, 1] tiled into a square-ish grid."""
+    plt = _pyplot()
+    n = int(images.shape[0])
+    columns = columns or max(1, int(np.ceil(np.sqrt(n))))
+    picture = image_grid(images, columns)                      # [rows·H, columns·W, C] in [0, 1]
+    rows = int(np.ceil(n / columns))
+    fig, ax = plt.subplots(figsize=(scale * columns + 0.2, scale * rows + 0.2))
+    ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=1)
+    ax.axis("off")
+    return fig
+
+
+def image_grid_figure(rows: list[torch.Tensor], row_titles: list[str] | None = None,
+                      col_titles: list[str] | None = None, scale: float = 0.9):
+    """A figure with one row of images per tensor in `rows` (each [N, C, H, W] in [-1, 1]), titled."""
+    plt = _pyplot()
+    n_cols = max(int(r.shape[0]) for r in rows)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(scale * n_cols, scale * len(rows)), squeeze=False)
     for r, imgs in enumerate(rows):
         disp = to_display(imgs)

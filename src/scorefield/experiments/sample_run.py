@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import data as sf_data
 from .. import models as sf_models
-from ..analysis.figures import image_grid_figure
+from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
 from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
@@ -160,5 +160,5 @@ def finish_run(run: RunDir, data: sf_data.ImageSet) -> dict[str, Any]:
         titles = [f"{d:.3f}" for d in distance[:show].tolist()]
         run.save_figure("nearest", image_grid_figure([samples[:show], data.images[index[:show]]],
                                                      row_titles=["sample", "nearest"], col_titles=titles))
-        run.save_figure("samples", image_grid_figure([samples]))
+        run.save_figure("samples", grid_figure(samples))
     return summary
