@@ -222,3 +222,79 @@ def test_float32_norm_column_does_not_degrade_the_float64_bank():
     cached = P.PatchPosterior(images, dtype=torch.float64, cache=True)(x.double(), 0.9, 3)
     streamed = P.PatchPosterior(images, dtype=torch.float64, cache=False)(x.double(), 0.9, 3)
     assert torch.allclose(cached, streamed, atol=1e-12, rtol=0)
+
+
+def _sparse_images(n=10, c=1, h=8, w=8, seed=3):
+    """Images mostly −1 with a few bright pixels: many identical patches."""
+    g = torch.Generator().manual_seed(seed)
+    images = -torch.ones(n, c, h, w)
+    for i in range(n):
+        ys, xs = torch.randint(0, h, (2,), generator=g), torch.randint(0, w, (2,), generator=g)
+        images[i, :, ys, xs] = torch.rand(2, generator=g) * 2 - 1
+    images[n // 2:] = images[:n - n // 2]                      # whole duplicated images too
+    return images
+
+
+def _patch_at(images, prov, patch, padding):
+    r = patch // 2
+    ip = _padded(images.double(), r, padding)
+    flat = prov.reshape(-1, 3)
+    return torch.stack([ip[i, :, y:y + patch, x:x + patch].reshape(-1) for i, y, x in flat.tolist()])
+
+
+@pytest.mark.parametrize("grouping,padding", [("shared", "circular"), ("location", "zeros"), ("border", "zeros")])
+@pytest.mark.parametrize("chunk_images", [3, 10])
+def test_streamed_dedup_matches_plain_stream_float64(grouping, padding, chunk_images):
+    images = _sparse_images()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 1, 8, 8, generator=g, dtype=torch.float64)
+    logw = torch.linspace(-0.5, 0.5, images.shape[0])
+    ab = torch.tensor([0.3, 0.95])
+    kw = dict(grouping=grouping, padding=padding, dtype=torch.float64, cache=False, chunk_images=chunk_images,
+              log_weights=logw)
+    plain = P.PatchPosterior(images, stream_dedup=False, **kw)
+    merged = P.PatchPosterior(images, stream_dedup=True, **kw)
+    ref, ref_prov = plain(x, ab, 3, return_provenance=True)
+    got, got_prov = merged(x, ab, 3, return_provenance=True)
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    assert merged.last_stats["pairs_evaluated"] <= plain.last_stats["pairs_evaluated"]
+    if grouping == "shared":
+        assert merged.last_stats["pairs_evaluated"] < plain.last_stats["pairs_evaluated"]
+    assert merged.last_stats["pairs_total"] == plain.last_stats["pairs_total"]
+    if chunk_images == images.shape[0]:   # one chunk: the same first occurrences as the cached bank
+        cached = P.PatchPosterior(images, grouping=grouping, padding=padding, dtype=torch.float64, cache=True,
+                                  log_weights=logw)
+        out, prov = cached(x, ab, 3, return_provenance=True)
+        assert torch.allclose(got, out, rtol=0, atol=1e-6)   # the cached bank holds float32 log-weights
+        assert torch.equal(got_prov, prov)
+    # without noise the arg-max patch is the nearest one (the query's own), the same up to identical copies
+    low = torch.tensor([1.0, 1.0])
+    near = images[[1, 2]].double()
+    _, ref_prov = plain(near, low, 3, return_provenance=True)
+    _, got_prov = merged(near, low, 3, return_provenance=True)
+    assert torch.equal(_patch_at(images, got_prov, 3, padding), _patch_at(images, ref_prov, 3, padding))
+
+
+@pytest.mark.parametrize("patch", [3, 5])
+def test_streamed_dedup_float32_topk_fix_at_low_noise(patch):
+    images = _sparse_images()
+    g = torch.Generator().manual_seed(5)
+    ab = torch.tensor([0.9999, 0.9999, 0.9])
+    x = (ab.sqrt()[:, None, None, None] * images[[0, 3, 7]]
+         + (1 - ab).sqrt()[:, None, None, None] * torch.randn(3, 1, 8, 8, generator=g))
+    logw = torch.linspace(-0.3, 0.3, images.shape[0])
+    kw = dict(cache=False, chunk_images=4, log_weights=logw)
+    exact = P.PatchPosterior(images, dtype=torch.float64, stream_dedup=False, **kw)
+    plain = P.PatchPosterior(images, stream_dedup=False, **kw)
+    merged = P.PatchPosterior(images, stream_dedup=True, **kw)
+    ref = exact(x.double(), ab, patch)
+    base, _ = plain(x, ab, patch, return_provenance=True)
+    got, got_prov = merged(x, ab, patch, return_provenance=True)
+    assert (got.double() - ref).abs().max() <= max(2e-6, 2 * float((base.double() - ref).abs().max()))
+    assert torch.allclose(got, merged(x, ab, patch), rtol=0, atol=0)
+    # the arg-max is over merged keys (as for a cached bank): the float64 merged stream picks the same ones
+    exact_merged = P.PatchPosterior(images, dtype=torch.float64, stream_dedup=True, **kw)
+    ref_merged, ref_merged_prov = exact_merged(x.double(), ab, patch, return_provenance=True)
+    assert torch.allclose(ref_merged, ref, rtol=0, atol=1e-12)
+    assert torch.equal(got_prov, ref_merged_prov)
+    assert merged.last_stats["pairs_evaluated"] < plain.last_stats["pairs_evaluated"]

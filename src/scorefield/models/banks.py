@@ -23,6 +23,7 @@ from .patch_geometry import centre_columns, gather_patches, patch_index
 Tensor = torch.Tensor
 
 ASSIGN_CHUNK_KEYS = 2**16                # keys cut at once while clustering a streamed bank
+MERGE_MIN_SAVING = 0.9                   # a streamed chunk is merged when that leaves at most this fraction
 
 
 def augment_keys(keys: Tensor) -> Tensor:
@@ -45,6 +46,7 @@ class KeySource:
     num_keys: int            # keys per group (padded)
     chunk_keys: int          # keys per group per chunk
     bytes_per_key_extra: float = 0.0   # transient bytes per key while a chunk is being cut
+    folded_keys: int = 0               # keys per group folded by the last pass (`mapped_chunks`)
 
     def set_chunk_keys(self, keys: int) -> None:
         self.chunk_keys = max(1, int(keys))
@@ -56,6 +58,15 @@ class KeySource:
         """As `chunks`, with keys augmented to [k, ‖k‖²]: [G, K, D+1] (what the kernel folds)."""
         for offset, keys, logw, values in self.chunks(dtype):
             yield offset, augment_keys(keys), logw, values
+
+    def mapped_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor | None,
+                                                                  Tensor | None]]:
+        """As `augmented_chunks`, plus (index, extra) of merged keys, here None: key u of a chunk is global key
+        offset + u (see `StreamedPatches.mapped_chunks`)."""
+        self.folded_keys = 0
+        for offset, k_aug, logw, values in self.augmented_chunks(dtype):
+            self.folded_keys += k_aug.shape[1]
+            yield offset, k_aug, logw, values, None, None
 
     def take(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
         """Keys [M, D], logw [M], values [M, V] (float32) of single-group global indices [M]."""
@@ -73,8 +84,10 @@ class StreamedPatches(KeySource):
     of image j // Lk centred at key_locs[g, j % Lk]."""
 
     def __init__(self, images: Tensor, log_weights: Tensor, patch_size: int, padding: str,
-                 key_locs: Tensor) -> None:
+                 key_locs: Tensor, dedup: bool = False) -> None:
         self.images = images                                         # [N, C, H, W]
+        self.dedup = bool(dedup)                                     # merge identical keys of each chunk
+        self.folded_keys = 0                                         # keys per group folded by the last pass
         self.log_weights = log_weights                               # [N]
         n, c, h, w = images.shape
         self.width = w
@@ -86,7 +99,11 @@ class StreamedPatches(KeySource):
         self.value_dim = c
         self.num_keys = n * self.locs_per_image
         self.chunk_keys = self.num_keys
-        self.bytes_per_key_extra = 3.0 * self.dim                    # gathered patches before the permute
+
+    @property
+    def bytes_per_key_extra(self) -> float:
+        """Gathered patches before the permute, and the merged copy when deduplicating."""
+        return (4.0 if self.dedup else 3.0) * self.dim
 
     def set_chunk_keys(self, keys: int) -> None:
         images = max(1, int(keys) // self.locs_per_image)
@@ -104,6 +121,52 @@ class StreamedPatches(KeySource):
             logw = self.log_weights[start:start + n].to(dtype)[None, :, None]
             logw = logw.expand(self.groups, n, self.locs_per_image).reshape(self.groups, -1)
             yield start * self.locs_per_image, keys, logw, keys[..., self.centre]
+
+    def mapped_chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor, Tensor | None,
+                                                                  Tensor | None]]:
+        """As `augmented_chunks`, plus (index [G, U], extra [G, U]) when `dedup`: each chunk's identical keys
+        merged into one key of log-weight logsumexp(logw) (exact: identical keys have identical logits and,
+        the value being the patch centre, identical values). Folded key u of group g stands for global key
+        index[g, u] (its first occurrence in the chunk; −1 for padding of log-weight −inf) and its log-weight
+        exceeds that key's own by extra[g, u] (float64); a chunk whose merge would leave more than
+        MERGE_MIN_SAVING of its keys is folded as cut (index offset + u, extra 0). Without `dedup` both are
+        None."""
+        self.folded_keys = 0
+        if not self.dedup or self.images.dtype != torch.float32:       # rows are hashed as float32 bits
+            yield from super().mapped_chunks(dtype)
+            return
+        for offset, keys, _, _ in self.chunks(self.images.dtype):
+            logw64 = self.log_weights[offset // self.locs_per_image:][:keys.shape[1] // self.locs_per_image]
+            logw64 = logw64.double()[None, :, None].expand(self.groups, -1, self.locs_per_image)
+            logw64 = logw64.reshape(self.groups, -1)
+            hashes = [projection_hashes(keys[g]) for g in range(self.groups)]
+            distinct = max(int(torch.unique(h).shape[0]) for h in hashes)
+            parts = [] if distinct > MERGE_MIN_SAVING * keys.shape[1] else [
+                _dedup_chunk(keys[g], logw64[g], hashes[g]) for g in range(self.groups)]
+            u = max(p[0].shape[0] for p in parts) if parts else keys.shape[1]
+            full = augment_keys(keys)                                         # [G, K, D+1]
+            del keys
+            if u > MERGE_MIN_SAVING * full.shape[1]:   # too few duplicates to pay for the copy: fold as cut
+                self.folded_keys += full.shape[1]
+                index = torch.arange(offset, offset + full.shape[1]).expand(self.groups, -1)
+                full = _augmented(full, dtype)
+                yield (offset, full, logw64.to(dtype), full[..., self.centre], index,
+                       torch.zeros(self.groups, full.shape[1], dtype=torch.float64))
+                continue
+            first = torch.full((self.groups, u), -1, dtype=torch.int64)
+            merged = torch.full((self.groups, u), -math.inf, dtype=torch.float64)
+            extra = torch.zeros(self.groups, u, dtype=torch.float64)
+            picked = (full.new_empty if len({p[0].shape[0] for p in parts}) == 1 else full.new_zeros)(
+                self.groups, u, self.dim + 1)
+            for g, (idx, lse) in enumerate(parts):
+                first[g, :idx.shape[0]] = idx + offset
+                merged[g, :idx.shape[0]] = lse
+                extra[g, :idx.shape[0]] = lse - logw64[g, idx]
+                torch.index_select(full[g], 0, idx, out=picked[g, :idx.shape[0]])
+            del full
+            self.folded_keys += u
+            picked = _augmented(picked, dtype)
+            yield offset, picked, merged.to(dtype), picked[..., self.centre], first, extra
 
     def _locate(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """(image [G, ...], location [G, ...]) of global key indices [G, ...] (clamped to valid)."""
@@ -267,19 +330,52 @@ def row_hashes(keys: Tensor, block: int = 16384) -> Tensor:
     return out
 
 
-def unique_rows(keys: Tensor) -> tuple[Tensor, Tensor]:
-    """(first occurrence [U], inverse [K]) of the distinct rows of keys [K, D]: sort-free hashing, then a
-    check that every row equals its representative (exact: a hash collision falls back to a row sort)."""
-    _, inverse = torch.unique(row_hashes(keys), return_inverse=True)
+def projection_hashes(keys: Tensor) -> Tensor:
+    """A 64-bit hash [K] of each row of keys [K, D] (float32) from two random projections (one small GEMM):
+    equal rows almost always hash equally (a GEMM may sum an edge row in another order, which only leaves
+    a duplicate unmerged); unequal rows that collide are caught by `unique_rows`' check."""
+    gen = torch.Generator().manual_seed(12345)
+    proj = torch.randn(keys.shape[1], 2, generator=gen).to(keys.dtype)
+    bits = (keys @ proj).contiguous().view(torch.int32).long()                   # [K, 2]
+    return (bits[:, 0] << 32) | (bits[:, 1] & 0xFFFFFFFF)
+
+
+def _rows_match(keys: Tensor, rep: Tensor, block: int = 16384) -> bool:
+    """Whether every row keys[i] equals keys[rep[i]], checked block by block over the rows i ≠ rep[i]."""
+    rows = torch.nonzero(rep != torch.arange(rep.shape[0])).reshape(-1)
+    return all(torch.equal(keys[rep[rows[i:i + block]]], keys[rows[i:i + block]])
+               for i in range(0, rows.shape[0], block))
+
+
+def unique_rows(keys: Tensor, hashes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(first occurrence [U], inverse [K]) of the distinct rows of keys [K, D]: sort-free hashing (`row_hashes`
+    unless `hashes` [K] are given), then a check that every row equals its representative (exact: a hash
+    collision falls back to a row sort)."""
+    _, inverse = torch.unique(row_hashes(keys) if hashes is None else hashes, return_inverse=True)
     u = int(inverse.max()) + 1 if inverse.numel() else 0
     first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
         0, inverse, torch.arange(keys.shape[0]), "amin")
-    if not torch.equal(keys[first][inverse], keys):
+    if not _rows_match(keys, first[inverse]):
         _, inverse = torch.unique(keys, dim=0, return_inverse=True)
         u = int(inverse.max()) + 1
         first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
             0, inverse, torch.arange(keys.shape[0]), "amin")
     return first, inverse
+
+
+def _dedup_chunk(keys: Tensor, logw: Tensor, hashes: Tensor) -> tuple[Tensor, Tensor]:
+    """(first occurrence [U] in increasing order, logsumexp of the merged logw [U]) of the distinct rows of
+    keys [K, D] with log-weights logw [K] (float64), given their `projection_hashes`."""
+    first, inverse = unique_rows(keys, hashes)
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0])
+    first, inverse = first[order], rank[inverse]
+    u = first.shape[0]
+    top = torch.full((u,), -math.inf, dtype=logw.dtype).scatter_reduce(0, inverse, logw, "amax")
+    safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.zeros(u, dtype=logw.dtype).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
+    return first, safe + torch.log(mass)
 
 
 def dedup_bank(keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> tuple[Tensor, ...]:

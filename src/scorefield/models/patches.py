@@ -118,7 +118,9 @@ class PatchPosterior:
     CPU the fused kernel folds small patches faster than the bound pass and the per-cluster folds cost, and
     at large patches and high noise the bounds skip little. `last_stats` holds the last call's pairs
     evaluated, pairs of the raw bank and the largest bound on the neglected fraction of the mass;
-    `history` one such dict per call.
+    `history` one such dict per call. stream_dedup: merge the identical keys of each streamed chunk into one
+    key of log-weight logsumexp(logw) before folding it (exact; provenance is the first occurrence in the
+    chunk; pairs evaluated count the merged keys).
     """
 
     def __init__(self, images: Tensor, *, grouping: str = "shared", padding: str = "circular",
@@ -126,7 +128,8 @@ class PatchPosterior:
                  dtype: torch.dtype = torch.float32, chunk_images: int | None = None,
                  memory_budget: float = DEFAULT_MEMORY_BUDGET, cache: bool | str = "auto",
                  topk: int = DEFAULT_TOPK, prune: bool | str = False,
-                 prune_tolerance: float = pruning.DEFAULT_TOLERANCE, clusters: int | None = None) -> None:
+                 prune_tolerance: float = pruning.DEFAULT_TOLERANCE, clusters: int | None = None,
+                 stream_dedup: bool = True) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise PatchConfigError(f"the bank needs images [N>0, C, H, W], got shape {tuple(images.shape)}")
         if grouping not in GROUPINGS:
@@ -150,6 +153,7 @@ class PatchPosterior:
             raise PatchConfigError(f"clusters must be a positive integer, got {clusters!r}")
         self.prune, self.prune_tolerance = prune, pruning.check_tolerance(prune_tolerance)
         self.clusters = clusters
+        self.stream_dedup = bool(stream_dedup)
         self.last_stats: dict = {}
         self.history: list[dict] = []
         self._layouts: dict[int, list[GroupBatch]] = {}
@@ -173,12 +177,15 @@ class PatchPosterior:
             return self._banks[key]
         gb = self.layout(patch_size)[batch_index]
         stream = StreamedPatches(self.images, self.log_weights, patch_size, self.padding, gb.key_locs)
+        stream.dedup = self.stream_dedup
         raw_bytes = stream.groups * stream.num_keys * (stream.dim + stream.value_dim + 8) * 4
         use_cache = self.cache is True or (self.cache == "auto" and 8 * raw_bytes <= self.memory_budget)
         if self.cache is True and 4 * raw_bytes > self.memory_budget:
             raise PatchMemoryError(f"caching the {patch_size}×{patch_size} bank needs about "
                                    f"{4 * raw_bytes / 2**20:.0f} MiB, over the memory budget of "
                                    f"{self.memory_budget / 2**20:.0f} MiB; use cache='auto' or False")
+        if use_cache or self._prunes(stream):
+            stream.dedup = False
         source: KeySource = build_cached_bank(stream) if use_cache else stream
         if self._prunes(source):
             source = cluster_bank(source, self.clusters)
@@ -271,7 +278,7 @@ class PatchPosterior:
                 mean, best = softmax_posterior(q, a_q, s2_q, source, dtype=self.dtype, topk=self.topk,
                                                provenance=return_provenance, memory_budget=self.memory_budget,
                                                chunk_keys=chunk)
-                part = {"pairs_evaluated": q.shape[1] * source.num_keys * gb.groups,
+                part = {"pairs_evaluated": q.shape[1] * source.folded_keys * gb.groups,
                         "pairs_total": q.shape[1] * raw * gb.groups, "neglected_bound": 0.0}
             stats["pairs_evaluated"] += part["pairs_evaluated"]
             stats["pairs_total"] += part["pairs_total"]

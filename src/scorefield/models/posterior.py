@@ -124,16 +124,21 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
               for start, stop in blocks]
     n_chunks = math.ceil(source.num_keys / source.chunk_keys)
     show = g * q * source.num_keys > PROGRESS_PAIRS
-    for offset, k_aug, logw, values in tqdm(source.augmented_chunks(dtype), total=n_chunks,
-                                            disable=not show, desc="patch posterior", leave=False):
+    extras: list[Tensor | None] = [None] * len(blocks)      # log-weight of merged top keys over their own
+    for offset, k_aug, logw, values, index, extra in tqdm(source.mapped_chunks(dtype), total=n_chunks,
+                                                          disable=not show, desc="patch posterior", leave=False):
         for i, (start, stop) in enumerate(blocks):
-            states[i] = kernels.accumulate(states[i], q_aug[:, start:stop], k_aug, logw, values, 1.0,
+            before = states[i]
+            states[i] = kernels.accumulate(before, q_aug[:, start:stop], k_aug, logw, values, 1.0,
                                            key_offset=offset)
+            if index is not None and track:
+                extras[i] = _remap_topk(states[i], before.topk_index, extras[i], offset, index,
+                                        extra if exact_fix else None)
     means, bests = [], []
-    for (start, stop), state in zip(blocks, states, strict=True):
+    for (start, stop), state, extra in zip(blocks, states, extras, strict=True):
         if exact_fix:
             mean, best = exact_topk_correction(state, queries[:, start:stop], a[:, start:stop],
-                                               s2[:, start:stop], source, memory_budget)
+                                               s2[:, start:stop], source, memory_budget, extra)
             means.append(mean.to(dtype))
             bests.append(best)
         else:
@@ -141,6 +146,28 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
             bests.append(state.topk_index[..., 0] if provenance else None)
     best = torch.cat(bests, 1) if provenance else None
     return torch.cat(means, 1), best
+
+
+def _remap_topk(state: kernels.SoftmaxState, previous: Tensor, previous_extra: Tensor | None, offset: int,
+                index: Tensor, extra: Tensor | None) -> Tensor | None:
+    """Map (in place) the top keys a merged chunk just contributed, tracked as offset + u, to the global index
+    index[g, u] they stand for; returns their log-weight excess over that key (extra [G, U]), carried along for
+    the keys kept from before (indices below offset, previous [G, q, k] with excess previous_extra)."""
+    tk = state.topk_index                                                        # [G, q, k]
+    g, q, k = tk.shape
+    fresh = tk >= offset
+    local = (tk - offset).clamp(0, index.shape[1] - 1).reshape(g, -1)
+    state.topk_index = torch.where(fresh, torch.gather(index, 1, local).reshape(g, q, k), tk)
+    if extra is None:
+        return None
+    out = torch.gather(extra, 1, local).reshape(g, q, k)
+    if previous_extra is not None:
+        same = (tk[..., :, None] == previous[..., None, :]) & (previous >= 0)[..., None, :]   # [G, q, k, k]
+        kept = (same.to(previous_extra.dtype) * previous_extra[..., None, :]).sum(-1)
+        out = torch.where(fresh, out, kept)
+    else:
+        out = torch.where(fresh, out, torch.zeros_like(out))
+    return out
 
 
 def _take_state(state: kernels.SoftmaxState, rows: Tensor) -> kernels.SoftmaxState:
@@ -260,13 +287,14 @@ def _fold_clusters(state: kernels.SoftmaxState, q_aug: Tensor, bank: ClusteredBa
 
 def exact_topk_correction(state: kernels.SoftmaxState, queries: Tensor, a: Tensor, s2: Tensor,
                           source: KeySource, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-                          ) -> tuple[Tensor, Tensor]:
+                          extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Replace the streamed (float32) contributions of each query's tracked top keys by exact ones.
 
     The streamed logit ℓ̃ = (a/s²)q·k − (a²/2s²)‖k‖² + logw carries an absolute error ~ eps·(a/s²)|q·k|, large
     at low noise; the exact logit in the same frame is −‖q − a·k‖²/(2s²) + ‖q‖²/(2s²) + logw in float64. The
     rest of the bank keeps its streamed weights, whose errors only matter when it carries non-negligible mass.
-    queries [G, Q, D]; a, s2 [G, Q]. Returns (mean [G, Q, V] float64, best key [G, Q]).
+    queries [G, Q, D]; a, s2 [G, Q]. extra [G, Q, k] (float64, optional): what each tracked key's log-weight in
+    the fold exceeds its own (a key merged with its duplicates). Returns (mean [G, Q, V] float64, best key [G, Q]).
     """
     g, q, d = queries.shape
     k = state.topk_index.shape[-1]
@@ -276,6 +304,8 @@ def exact_topk_correction(state: kernels.SoftmaxState, queries: Tensor, a: Tenso
         sl = slice(start, start + step)
         index = state.topk_index[:, sl]                                             # [G, q', k]
         keys, logw, values = source.gather(index)                                   # [G, q', k, D] ...
+        if extra is not None:
+            logw = logw + extra[:, sl]
         qd = queries[:, sl].double()
         ad, sd = a[:, sl][..., None], s2[:, sl][..., None]
         dist = ((qd[:, :, None, :] - ad[..., None] * keys) ** 2).sum(-1)            # [G, q', k]
