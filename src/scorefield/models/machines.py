@@ -149,7 +149,40 @@ def _split_batch(ab: Tensor, labels: Tensor | None, conditional: bool,
     return {k: torch.tensor(v) for k, v in groups.items()}
 
 
-class PatchMachine(Denoiser):
+class _BatchSplitMachine(Denoiser):
+    """A machine that answers each (label, patch size) part of a batch separately and scatters the parts back.
+
+    Subclasses give `_size_of` (None: one size), `_provenance_shape(x)` and `_part(label, size, x, ab,
+    provenance) -> (x̂₀ part, provenance part with dataset-local image indices in [..., 0] | None, index map)`.
+    """
+
+    _size_of: Callable[[float], int] | None = None
+
+    def denoise(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None) -> Tensor:
+        return self.denoise_with_provenance(x, alpha_bar, labels, provenance=False)[0]
+
+    def _provenance_shape(self, x: Tensor) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _part(self, label: int | None, size: int | None, x: Tensor, alpha_bar: Tensor,
+              provenance: bool) -> tuple[Tensor, Tensor | None, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def denoise_with_provenance(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None = None,
+                                provenance: bool = True) -> tuple[Tensor, Tensor | None]:
+        """(x̂₀ [B, C, H, W], provenance whose [..., 0] is the dataset index of each arg-max source)."""
+        x, alpha_bar, labels = self.validate_call(x, alpha_bar, labels)
+        out = torch.empty_like(x)
+        prov = torch.full(self._provenance_shape(x), -1, dtype=torch.int64) if provenance else None
+        for (label, size), idx in _split_batch(alpha_bar, labels, self.conditional, self._size_of).items():
+            out[idx], p, index = self._part(label, size, x[idx], alpha_bar[idx], provenance)
+            if provenance:
+                p[..., 0] = index[p[..., 0].clamp_min(0)]   # subset-local image index -> dataset index
+                prov[idx] = p
+        return out, prov
+
+
+class PatchMachine(_BatchSplitMachine):
     """LS (grouping 'location', eq. 7–8), ELS ('shared', eq. 9–10 / 39–40) or bbELS ('border', eq. 41)."""
 
     def __init__(self, data: ImageSet, name: str, grouping: str, patch_size: PatchSize, padding: str,
@@ -170,28 +203,20 @@ class PatchMachine(Denoiser):
     def patch_size_at(self, alpha_bar: float) -> int:
         return self.size_of(float(alpha_bar))
 
-    def denoise(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None) -> Tensor:
-        return self.denoise_with_provenance(x, alpha_bar, labels, provenance=False)[0]
+    def _size_of(self, alpha_bar: float) -> int:
+        return self.size_of(alpha_bar)
 
-    def denoise_with_provenance(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None = None,
-                                provenance: bool = True) -> tuple[Tensor, Tensor | None]:
-        """(x̂₀ [B, C, H, W], provenance [B, H, W, 3] = (dataset image, y, x) of each pixel's arg-max patch)."""
-        x, alpha_bar, labels = self.validate_call(x, alpha_bar, labels)
-        out = torch.empty_like(x)
-        prov = torch.full((x.shape[0], *x.shape[2:], 3), -1, dtype=torch.int64) if provenance else None
-        for (label, size), idx in _split_batch(alpha_bar, labels, self.conditional, self.size_of).items():
-            engine, index = self.engines.get(label)
-            result = engine(x[idx], alpha_bar[idx], size, return_provenance=provenance)
-            if provenance:
-                out[idx], p = result
-                p[..., 0] = index[p[..., 0].clamp_min(0)]
-                prov[idx] = p
-            else:
-                out[idx] = result
-        return out, prov
+    def _provenance_shape(self, x: Tensor) -> tuple[int, ...]:
+        return (x.shape[0], *x.shape[2:], 3)             # (dataset image, y, x) of each pixel's arg-max patch
+
+    def _part(self, label: int | None, size: int | None, x: Tensor, alpha_bar: Tensor,
+              provenance: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        engine, index = self.engines.get(label)
+        result = engine(x, alpha_bar, size, return_provenance=provenance)
+        return (*result, index) if provenance else (result, None, index)
 
 
-class ImageMachine(Denoiser):
+class ImageMachine(_BatchSplitMachine):
     """IS (posterior over whole training images, eq. 3–4) or ES (over all their circular translates, eq. 5)."""
 
     def __init__(self, data: ImageSet, name: str, translates: bool, conditional: bool = False,
@@ -203,26 +228,15 @@ class ImageMachine(Denoiser):
         self.options = dict(dtype=dtype, chunk_images=chunk_images, memory_budget=memory_budget, topk=topk)
         self.images = _Conditioned(data, conditional, lambda images: images)
 
-    def denoise(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None) -> Tensor:
-        return self.denoise_with_provenance(x, alpha_bar, labels, provenance=False)[0]
+    def _provenance_shape(self, x: Tensor) -> tuple[int, ...]:
+        return (x.shape[0], 3)                            # (dataset image, shift y, shift x) of the arg-max
 
-    def denoise_with_provenance(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None = None,
-                                provenance: bool = True) -> tuple[Tensor, Tensor | None]:
-        """(x̂₀, [B, 3] = (dataset image, shift y, shift x) of the arg-max training image or translate)."""
-        x, alpha_bar, labels = self.validate_call(x, alpha_bar, labels)
-        out = torch.empty_like(x)
-        prov = torch.full((x.shape[0], 3), -1, dtype=torch.int64) if provenance else None
-        for (label, _), idx in _split_batch(alpha_bar, labels, self.conditional, None).items():
-            images, index = self.images.get(label)
-            result = image_posterior(x[idx], alpha_bar[idx], images, translates=self.translates,
-                                     return_provenance=provenance, **self.options)
-            if provenance:
-                out[idx], p = result
-                p[:, 0] = index[p[:, 0]]
-                prov[idx] = p
-            else:
-                out[idx] = result
-        return out, prov
+    def _part(self, label: int | None, size: int | None, x: Tensor, alpha_bar: Tensor,
+              provenance: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        images, index = self.images.get(label)
+        result = image_posterior(x, alpha_bar, images, translates=self.translates,
+                                 return_provenance=provenance, **self.options)
+        return (*result, index) if provenance else (result, None, index)
 
 
 # ---- closed forms ----------------------------------------------------------------------------------------------
