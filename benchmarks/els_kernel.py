@@ -4,7 +4,10 @@ Measures in one run: (a) the float32 matmul peak, (b) the in-cache exp rate, hen
 min(peak / 2D, exp rate) pairs/s per patch dimension D = P²·C, and (c) `kernels.accumulate` (the engine's
 entry point, called as the engine calls it: queries and keys augmented with the ‖k‖² column, scale 1, top-8
 tracking) and the pure-torch `accumulate_reference` loop over the same chunks, in (query, key) pairs/s, as a
-fraction of the roofline, with the peak resident-memory growth during the call.
+fraction of the roofline, with the peak resident-memory growth during the call; and (d) the box-sum kernel
+(`boxkernel.box_posterior`, which the engine uses from P = 7 up: every distance a sliding box sum, O(1) per pair
+whatever D, exp skipped for key groups certified below 1e-6 of a pixel's mass) on the same images, in pairs of
+the raw bank per second; "engine" is the path the engine picks by default (cross_term='auto').
 
 Work shapes: MNIST (60,000 training images 28×28) with P in 3, 7, 15, 27 and CIFAR-10 (50,000, 32×32×3) with
 P in 3, 11, every pixel a query and every circularly padded patch of every training image a key. Only a
@@ -29,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scorefield.models import fastkernel, kernels
+from scorefield.models import boxkernel, fastkernel, kernels
+from scorefield.models.patches import BOX_MIN_PATCH
 
 OUT = Path(__file__).resolve().parent / "out"
 TOPK = 8        # the engine tracks the top 8 keys of each query in float32
@@ -123,7 +127,8 @@ def engine_inputs(channels: int, size: int, patch_size: int, n_query_images: int
     k, v = patches(smooth[n_query_images:], patch_size)                 # [K, D], [K, C]
     q_aug = torch.cat([q * (a / s2), torch.full((q.shape[0], 1), -a * a / (2 * s2))], 1)[None]  # [1, Q, D+1]
     k_aug = torch.cat([k, (k * k).sum(1, keepdim=True)], 1)[None]                              # [1, K, D+1]
-    return q_aug.contiguous(), k_aug.contiguous(), torch.zeros(1, k.shape[0]), v[None].contiguous()
+    images = (noisy, smooth[n_query_images:])
+    return q_aug.contiguous(), k_aug.contiguous(), torch.zeros(1, k.shape[0]), v[None].contiguous(), images
 
 
 def measure(fn, q, k, bias, v, chunk: int, repeats: int) -> tuple[float, int]:
@@ -138,6 +143,24 @@ def measure(fn, q, k, bias, v, chunk: int, repeats: int) -> tuple[float, int]:
     with PeakRSS() as mem:
         run()
     return best_time(run, repeats), mem.growth
+
+
+def box_rate(noisy: torch.Tensor, key_images: torch.Tensor, patch_size: int, repeats: int) -> dict | None:
+    """Pairs of the raw bank per second of the box-sum kernel on these images, the fraction of pairs it
+    exp'd, and its peak RSS growth (None where the kernel is unavailable or does not cover the shape)."""
+    if not (boxkernel.available() and boxkernel.covers(tuple(key_images.shape), patch_size)):
+        return None
+    b, _, h, w = noisy.shape
+    pairs = b * h * w * key_images.shape[0] * h * w
+    result: list = []
+
+    def run():
+        result[:] = [boxkernel.box_posterior(noisy, ALPHA_BAR, key_images, patch_size, progress=False)]
+
+    with PeakRSS() as mem:
+        run()
+    seconds = best_time(run, repeats)
+    return {"rate": pairs / seconds, "folded": result[0].folded / pairs, "peak": mem.growth}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,21 +183,28 @@ def main(argv: list[str] | None = None) -> int:
             # enough key images for ~0.1 s of fast-path work, at least one
             n_k_img = max(1, min(64, int(4e8 / (n_q_img * size * size * size * size * max(dim, 32)))))
             n_k_img = 1 if args.quick else n_k_img
-            q, k, bias, v = engine_inputs(channels, size, p, n_q_img, n_k_img)
+            q, k, bias, v, (noisy, key_images) = engine_inputs(channels, size, p, n_q_img, n_k_img)
             chunk = max(size * size, k.shape[1] // 2)
             pairs = q.shape[1] * k.shape[1]
             reps = 1 if args.quick else 3
             t_fast, m_fast = measure(kernels.accumulate, q, k, bias, v, chunk, reps)
             t_ref, m_ref = measure(kernels.accumulate_reference, q, k, bias, v, chunk, reps)
             roof = min(peak / (2 * dim), exps)
+            box = box_rate(noisy, key_images, p, reps)
             full_pairs = n_train * size * size * 100 * size * size   # 100 samples × all pixels × whole bank
             row = {
                 "data": name, "P": p, "D": dim, "queries": q.shape[1], "keys timed": k.shape[1],
                 "roofline Gpairs/s": roof / 1e9,
                 "fast Gpairs/s": pairs / t_fast / 1e9, "fast / roofline": pairs / t_fast / roof,
                 "reference Gpairs/s": pairs / t_ref / 1e9, "speed-up": t_ref / t_fast,
+                "box Gpairs/s": box["rate"] / 1e9 if box else "n/a",
+                "box / roofline": box["rate"] / roof if box else "n/a",
+                "box pairs exp'd": box["folded"] if box else "n/a",
+                "engine / roofline": (box["rate"] if box and p >= BOX_MIN_PATCH else pairs / t_fast) / roof,
                 "fast peak MiB": m_fast / 2**20, "reference peak MiB": m_ref / 2**20,
+                "box peak MiB": box["peak"] / 2**20 if box else "n/a",
                 "100 samples × 1 step, full data (fast), min": full_pairs / (pairs / t_fast) / 60,
+                "100 samples × 1 step, full data (box), min": full_pairs / box["rate"] / 60 if box else "n/a",
             }
             rows.append(row)
             print("  ".join(f"{key}={val:.3g}" if isinstance(val, float) else f"{key}={val}"

@@ -174,11 +174,13 @@ def test_provenance_points_at_the_nearest_patch_at_low_noise():
 
 def test_memory_estimate_refuses_before_starting():
     images, x = _data(n=3, c=1, h=8, w=8)
-    engine = P.PatchPosterior(images, memory_budget=10_000)
+    engine = P.PatchPosterior(images, memory_budget=10_000, cross_term="gemm")
     with pytest.raises(P.PatchMemoryError, match="MiB"):
         engine(x, 0.5, 7)
     with pytest.raises(ValueError):                            # also a ValueError for the CLI
-        P.PatchPosterior(images, chunk_images=2, memory_budget=2e5, cache=False)(x, 0.5, 7)
+        P.PatchPosterior(images, chunk_images=2, memory_budget=2e5, cache=False, cross_term="gemm")(x, 0.5, 7)
+    with pytest.raises(P.PatchMemoryError, match="box-sum"):  # the box-sum path checks its own (small) need
+        P.PatchPosterior(images, memory_budget=10_000, cross_term="box")(x, 0.5, 7)
 
 
 def test_bad_configuration_is_a_clear_error():

@@ -72,23 +72,25 @@ def _compiler() -> str | None:
     return None
 
 
-def _build() -> Path:
-    """Compile the kernel (or reuse the cached build) and return the shared library's path."""
+def build_library(source: Path) -> Path:
+    """Compile a kernel source of `scorefield/csrc` (or reuse the cached build) and return the library's path.
+
+    The cache key covers the source, the headers beside it, the compiler, the flags and the CPU."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((cxx, *CXX_FLAGS)).encode() + _cpu_signature().encode())
-    target = cache_dir() / "kernels" / key.hexdigest()[:16] / "libpatch_softmax.so"
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    key = hashlib.sha256(text + " ".join((cxx, *CXX_FLAGS)).encode() + _cpu_signature().encode())
+    target = cache_dir() / "kernels" / key.hexdigest()[:16] / f"lib{source.stem}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         partial = Path(tmp) / target.name
-        result = subprocess.run([cxx, *CXX_FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True,
+        result = subprocess.run([cxx, *CXX_FLAGS, str(source), "-o", str(partial)], capture_output=True,
                                 text=True, timeout=BUILD_TIMEOUT_S)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[:500]}")
+            raise RuntimeError(f"compiling {source.name} failed: {result.stderr.strip()[:500]}")
         os.replace(partial, target)  # atomic: concurrent builders end with one complete file
     return target
 
@@ -122,7 +124,7 @@ def _load() -> bool:
         if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
             return False
         try:
-            lib = ctypes.CDLL(str(_build()))
+            lib = ctypes.CDLL(str(build_library(SOURCE)))
             _declare(lib)
             _library, _sgemm = lib, _find_sgemm()
             _state = "ready"

@@ -189,7 +189,7 @@ class PatchMachine(_BatchSplitMachine):
                  conditional: bool = False, dtype: torch.dtype = torch.float32,
                  chunk_images: int | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
                  valid_only: bool = False, cache: bool | str = "auto", topk: int = DEFAULT_TOPK,
-                 patch_schedule: str = "cosine", prune: bool | str = False) -> None:
+                 patch_schedule: str = "cosine", prune: bool | str = False, cross_term: str = "auto") -> None:
         super().__init__(tuple(data.images.shape[1:]), {
             "patch_size": _jsonable_patch_size(patch_size), "padding": padding, "conditional": conditional,
             "dtype": str(dtype).replace("torch.", ""), "valid_only": valid_only})
@@ -198,7 +198,8 @@ class PatchMachine(_BatchSplitMachine):
         self.dtype = dtype
         self.engines = _Conditioned(data, conditional, lambda images: PatchPosterior(
             images, grouping=grouping, padding=padding, valid_only=valid_only, dtype=dtype,
-            chunk_images=chunk_images, memory_budget=memory_budget, cache=cache, topk=topk, prune=prune))
+            chunk_images=chunk_images, memory_budget=memory_budget, cache=cache, topk=topk, prune=prune,
+            cross_term=cross_term))
 
     def patch_size_at(self, alpha_bar: float) -> int:
         return self.size_of(float(alpha_bar))
@@ -358,15 +359,17 @@ def build_els(data: ImageSet, patch_size: PatchSize = None, padding: str = "circ
               conditional: bool = False, dtype: torch.dtype | str = torch.float32,
               chunk_images: int | None = None, memory_budget: float = DEFAULT_MEMORY_BUDGET,
               valid_only: bool = False, cache: bool | str = "auto", topk: int = DEFAULT_TOPK,
-              patch_schedule: str = "cosine", prune: bool | str = False) -> Denoiser:
+              patch_schedule: str = "cosine", prune: bool | str = False, cross_term: str = "auto") -> Denoiser:
     """The equivariant local score machine (eq. 9–10 / 39–40) with periodic boundaries: one bank of all H·W
-    wrapped patches of every training image (valid_only=True: patches that fit inside the image only)."""
+    wrapped patches of every training image (valid_only=True: patches that fit inside the image only).
+    cross_term: 'auto', 'box' (every distance as a box sum, `models.boxkernel`) or 'gemm' (see PatchPosterior)."""
     if padding == "zeros":
         raise ModelConfigError("els assumes periodic boundaries (padding='circular'); for a zero-padded "
                                "network the theory gives the boundary-broken ELS machine: use model 'bbels'")
     return _patch_machine("els", "shared", data, patch_size, padding, conditional, dtype,
                           chunk_images=chunk_images, memory_budget=memory_budget, valid_only=valid_only,
-                          cache=cache, topk=topk, patch_schedule=patch_schedule, prune=prune)
+                          cache=cache, topk=topk, patch_schedule=patch_schedule, prune=prune,
+                          cross_term=cross_term)
 
 
 @register_model("bbels")

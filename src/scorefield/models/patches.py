@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from . import kernels, pruning
+from . import boxkernel, kernels, pruning
 from .banks import (
     ASSIGN_CHUNK_KEYS,
     CachedBank,
@@ -87,7 +87,8 @@ from .posterior import (
 __all__ = [
     "ASSIGN_CHUNK_KEYS", "DEFAULT_MEMORY_BUDGET", "DEFAULT_TOPK", "FLAT_LOGIT_SPREAD", "FULL_PASS_FRACTION",
     "FULL_PASS_KEYS", "GROUPINGS", "MAX_QUERY_BLOCK", "MIN_NOISE_VARIANCE", "PADDINGS", "PIECE_KEYS",
-    "PROGRESS_PAIRS", "PRUNE_MIN_KEYS", "REST_FLOOR", "SMALL_FOLD_PAIRS",
+    "PROGRESS_PAIRS", "PRUNE_MIN_KEYS", "BOX_MIN_PATCH", "BOX_MAX_LOGIT_ERROR", "CROSS_TERMS", "REST_FLOOR",
+    "SMALL_FOLD_PAIRS",
     "Budget", "CachedBank", "ClusteredBank", "GroupBatch", "KeySource", "PatchConfigError", "PatchMemoryError",
     "PatchPosterior", "StreamedPatches", "WholeImages",
     "augment_keys", "augment_queries", "border_classes", "build_cached_bank", "centre_columns", "check_padding",
@@ -99,6 +100,9 @@ __all__ = [
 Tensor = torch.Tensor
 
 PRUNE_MIN_KEYS = 8192                    # prune='auto' clusters banks of at least this many keys
+CROSS_TERMS = ("auto", "box", "gemm")
+BOX_MIN_PATCH = 7                        # cross_term='auto' uses box sums from this patch size up
+BOX_MAX_LOGIT_ERROR = 1e-3               # ... when the fixed-point grid's bound on a logit's error stays below
 FLAT_LOGIT_SPREAD = 1e-9                 # below this logit spread the posterior is the bank's prior mean
 
 
@@ -121,6 +125,11 @@ class PatchPosterior:
     `history` one such dict per call. stream_dedup: merge the identical keys of each streamed chunk into one
     key of log-weight logsumexp(logw) before folding it (exact; provenance is the first occurrence in the
     chunk; pairs evaluated count the merged keys).
+    cross_term: how the distances of the shared circular bank (ELS) are computed: 'gemm' (the attention-style
+    dot products above), 'box' (`boxkernel`: every distance as a sliding box sum, O(1) per pair whatever P;
+    exp skipped for key groups below box_tolerance of a pixel's mass, with a certified bound) or 'auto' (box
+    sums from BOX_MIN_PATCH up when the compiled kernel is available, the call needs no gradient and the
+    fixed-point grid's logit error bound stays below BOX_MAX_LOGIT_ERROR; float64 engines always use 'gemm').
     """
 
     def __init__(self, images: Tensor, *, grouping: str = "shared", padding: str = "circular",
@@ -129,7 +138,8 @@ class PatchPosterior:
                  memory_budget: float = DEFAULT_MEMORY_BUDGET, cache: bool | str = "auto",
                  topk: int = DEFAULT_TOPK, prune: bool | str = False,
                  prune_tolerance: float = pruning.DEFAULT_TOLERANCE, clusters: int | None = None,
-                 stream_dedup: bool = True) -> None:
+                 stream_dedup: bool = True, cross_term: str = "auto",
+                 box_tolerance: float = boxkernel.DEFAULT_TOLERANCE) -> None:
         if images.ndim != 4 or images.shape[0] == 0:
             raise PatchConfigError(f"the bank needs images [N>0, C, H, W], got shape {tuple(images.shape)}")
         if grouping not in GROUPINGS:
@@ -154,6 +164,11 @@ class PatchPosterior:
         self.prune, self.prune_tolerance = prune, pruning.check_tolerance(prune_tolerance)
         self.clusters = clusters
         self.stream_dedup = bool(stream_dedup)
+        if cross_term not in CROSS_TERMS:
+            raise PatchConfigError(f"cross_term must be one of {CROSS_TERMS}, got {cross_term!r}")
+        self.cross_term = cross_term
+        self.box_tolerance = float(box_tolerance)
+        boxkernel.threshold_for(2, self.box_tolerance)   # validates the tolerance
         self.last_stats: dict = {}
         self.history: list[dict] = []
         self._layouts: dict[int, list[GroupBatch]] = {}
@@ -248,6 +263,8 @@ class PatchPosterior:
     def _denoise(self, x: Tensor, ab: Tensor, patch_size: int,
                  return_provenance: bool) -> Tensor | tuple[Tensor, Tensor]:
         b, c, h, w = x.shape
+        if self._uses_box(x, ab, patch_size):
+            return self._denoise_box(x, ab, patch_size, return_provenance)
         a, s2 = noise_coefficients(ab)
         queries = extract_patches(x.detach().to(self.dtype), patch_size, self.padding)   # [B, HW, D]
         out = torch.empty(b, h * w, c, dtype=self.dtype)
@@ -288,12 +305,61 @@ class PatchPosterior:
             if return_provenance:
                 prov[:, locs] = source.sources(best).reshape(gb.groups, b, lq, 3).permute(1, 2, 0, 3)
         stats["fraction"] = stats["pairs_evaluated"] / max(1, stats["pairs_total"])
+        stats["cross_term"] = "gemm"
         self.last_stats = stats
         self.history.append(stats)
         result = out.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
         if return_provenance:
             return result, prov.reshape(b, h, w, 3)
         return result
+
+
+    def _uses_box(self, x: Tensor, ab: Tensor, patch_size: int) -> bool:
+        """Whether this call runs on the box-sum kernel (see `cross_term`)."""
+        b = x.shape[0]
+        eligible = (self.grouping == "shared" and self.padding == "circular" and not self.valid_only
+                    and self.dtype == torch.float32 and x.device.type == "cpu"
+                    and boxkernel.covers(tuple(self.images.shape), patch_size))
+        if self.cross_term == "box":
+            if not eligible:
+                raise PatchConfigError("cross_term='box' needs the shared circular bank of all H·W patches "
+                                       f"(ELS), float32 on the CPU, an odd P ≤ min(H, W) and W ≤ "
+                                       f"{boxkernel.MAX_WIDTH}; got P={patch_size}, images "
+                                       f"{self.image_shape}, grouping {self.grouping!r}, padding {self.padding!r}")
+            return True
+        if self.cross_term == "gemm" or not eligible or patch_size < BOX_MIN_PATCH or x.requires_grad:
+            return False
+        a, s2 = noise_coefficients(ab)
+        hw = x.shape[2] * x.shape[3]
+        q = extract_patches(x.detach().to(self.dtype), patch_size, self.padding).reshape(1, b * hw, -1)
+        if self._flat_logit_spread(q, a.repeat_interleave(hw)[None], s2.repeat_interleave(hw)[None],
+                                   patch_size) <= FLAT_LOGIT_SPREAD:
+            return False    # the flat shortcut of the GEMM path folds no pairs at all
+        scale = boxkernel.fixed_scales(x, a, self.images, patch_size)
+        grid_error = float((patch_size**2 / (2 * scale) / (2 * s2)).max())
+        return grid_error <= BOX_MAX_LOGIT_ERROR and boxkernel.available()
+
+    def _denoise_box(self, x: Tensor, ab: Tensor, patch_size: int,
+                     return_provenance: bool) -> Tensor | tuple[Tensor, Tensor]:
+        n, _, h, w = self.images.shape
+        need = boxkernel.memory_estimate(x.shape[0], tuple(self.images.shape))
+        if need > self.memory_budget:
+            raise PatchMemoryError(f"the box-sum kernel needs about {need / 2**20:.2f} MiB for {x.shape[0]} "
+                                   f"samples, over the memory budget of {self.memory_budget / 2**20:.2f} MiB")
+        result = boxkernel.box_posterior(x, ab, self.images, patch_size, log_weights=self.log_weights,
+                                         tolerance=self.box_tolerance, provenance=return_provenance,
+                                         chunk_images=self.chunk_images)
+        pairs_total = x.shape[0] * h * w * n * h * w
+        stats = {"patch_size": patch_size, "alpha_bar": ab.tolist(), "pairs_evaluated": result.folded,
+                 "pairs_total": pairs_total, "neglected_bound": result.neglected_bound,
+                 "fraction": result.folded / max(1, pairs_total), "cross_term": "box",
+                 "logit_error_bound": result.logit_error_bound}
+        self.last_stats = stats
+        self.history.append(stats)
+        mean = result.mean.to(x.dtype)
+        if return_provenance:
+            return mean, result.best
+        return mean
 
 
 def image_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, *, translates: bool = False,

@@ -1,0 +1,369 @@
+// Box-sum patch posterior: the ELS machine with circular padding (Kamb & Ganguli eq. 9-10 / 39-40) for whole
+// query images against whole training images, with every patch distance computed as a box sum.
+//
+// For a query image Q (noisy sample b, ᾱ_b, a = √ᾱ_b, s² = 1 − ᾱ_b) and a training image K, the squared distance
+// between the query patch at pixel u and the scaled key patch at pixel v = u − δ (circular) is
+//     S(u, δ) = Σ_{o ∈ Ω_P} Σ_c (Q_c[u + o] − a K_c[u + o − δ])²,
+// the P×P box sum, at u, of the image p_δ[x] = Σ_c (Q_c[x] − a K_c[x − δ])². For each displacement δ the image
+// p_δ costs 2C flops per pixel and its box sum O(log P) adds per pixel (window sums built by doubling: levels
+// L_j[x] = L_{j−1}[x] + L_{j−1}[x + 2^{j−1}], the window of P the sum of the levels of P's binary digits), so a
+// (query pixel, key patch) pair costs O(C + log P) instead of the O(P²·C) of a dot product, and because every
+// term is a non-negative square there is no cancellation: the float32 distance is accurate to a few ulp of
+// itself at any noise level.
+//
+// Lanes run over the horizontal displacement dx (W rounded up to a multiple of 8), so that the horizontal box
+// sum is a sum of whole vectors and the vertical one of whole rows. Each query pixel keeps a running max m,
+// weight sum l and weighted centre-pixel sum acc (the streaming log-sum-exp of scorefield.models.kernels);
+// the logits of one query pixel against the W displacements dx of one (key image, dy) are a "group": when all
+// of a group lie below m − threshold its exp is skipped (each such key weighs less than e^−threshold of the
+// running max, which the caller turns into a certified bound on the neglected mass), else the group is folded
+// with the clamped polynomial exp of simd.h. Threads take key images; their states merge at the end.
+// Plain C ABI for ctypes.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "simd.h"
+
+namespace {
+
+using namespace sf_simd;
+
+// exp for x ≤ 0 (clamped at kLogitFloor): 2^t with t = x·log2(e) split into n + f, |f| ≤ 1/2, 2^f by a
+// degree-5 minimax polynomial (relative error 2.3e-7, below the fixed-point grid's logit error), 2^n added to the
+// exponent bits. 12 vector operations instead of the 17 of exp8: the weights are the hot loop here.
+inline v8f exp8_fast(v8f x) {
+  const v8f lo = splat(kLogitFloor);
+  x = x < lo ? lo : x;
+  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
+  const v8f t = x * 1.44269504088896341f;
+  const v8f fn = (t + magic) - magic;
+  const v8f f = t - fn;
+  v8f p = splat(1.327636418864131e-3f);
+  p = p * f + 9.675540961325169e-3f;
+  p = p * f + 5.550713464617729e-2f;
+  p = p * f + 2.4022120237350464e-1f;
+  p = p * f + 6.931469440460205e-1f;
+  p = p * f + 1.0000001192092896f;
+  v8i bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += __builtin_convertvector(fn, v8i) << 23;
+  std::memcpy(&p, &bits, sizeof p);
+  return p;
+}
+
+inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
+// i mod n for i in [−n, 2n), without a division (the hot loops' indices all lie there)
+inline int64_t wrap1(int64_t i, int64_t n) { return i < 0 ? i + n : (i >= n ? i - n : i); }
+
+// Per query pixel of every sample: the running max m, weight sum l and weighted sum acc (relative to e^m) of
+// the keys this thread folded, the arg-max key, and the skip floor: a key whose logit lies below it weighs
+// less than tol/K of the pixel's total mass (K keys per pixel), because floor ≤ ln(mass known so far) − T with
+// T = ln(K/tol) (the known mass: this thread's, or the state passed in by the caller, both below the total).
+struct State {
+  std::vector<float> m, floor;
+  std::vector<double> l, acc;
+  std::vector<int64_t> best;
+  int64_t folded = 0, skipped = 0;
+  State(int64_t nq, int64_t C, const double* m0, const double* l0, float threshold)
+      : m(nq, -INFINITY), floor(nq), l(nq, 0.0), acc(nq * C, 0.0), best(nq, -1) {
+    for (int64_t q = 0; q < nq; ++q)
+      floor[q] = l0[q] > 0.0 ? static_cast<float>(m0[q] + std::log(l0[q]) - threshold) : -INFINITY;
+  }
+};
+
+struct Geometry {
+  int64_t C, H, W, P, Wp, G;  // G = Wp / 8 vectors per group
+};
+
+// KR[c][r][j] = K[c][r][(W − 1 − j) mod W] for j < W − 1 + Wp: the 8-lane load at j0 = W − 1 − x gives
+// K[c][r][x − dx] for dx = lane (mod W).
+void reversed_key(const float* key, const Geometry& g, float* kr) {
+  const int64_t jw = g.W - 1 + g.Wp;
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t r = 0; r < g.H; ++r)
+      for (int64_t j = 0; j < jw; ++j)
+        kr[(c * g.H + r) * jw + j] = key[(c * g.H + r) * g.W + wrap(g.W - 1 - j, g.W)];
+}
+
+struct Scratch {
+  std::vector<float> kr;             // reversed key image (see reversed_key)
+  std::vector<int32_t> prow, rows, vrun;  // p_δ of one row [x][lane]; horizontal sums R[y][x][lane]; vertical
+  std::vector<int64_t> xin, xout, yin, yout;  // circular slide tables: entering / leaving index of window at i
+  std::vector<int64_t> offs_x, offs_y;         // the P offsets −h..h, wrapped
+  explicit Scratch(const Geometry& g)
+      : kr(g.C * g.H * (g.W - 1 + g.Wp)), prow(g.W * g.Wp), rows(g.H * g.W * g.Wp), vrun(g.W * g.Wp),
+        xin(g.W), xout(g.W), yin(g.H), yout(g.H), offs_x(g.P), offs_y(g.P) {
+    const int64_t h = g.P / 2;
+    for (int64_t x = 0; x < g.W; ++x) { xin[x] = wrap(x + h, g.W); xout[x] = wrap(x - h - 1, g.W); }
+    for (int64_t y = 0; y < g.H; ++y) { yin[y] = wrap(y + h, g.H); yout[y] = wrap(y - h - 1, g.H); }
+    for (int64_t o = 0; o < g.P; ++o) { offs_x[o] = wrap(o - h, g.W); offs_y[o] = wrap(o - h, g.H); }
+  }
+};
+
+
+inline v8i load8i(const int32_t* p) { v8i v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8i(int32_t* p, v8i v) { std::memcpy(p, &v, sizeof v); }
+
+// The running state of one sample's pixels while one key image is folded: m (running max), l, acc and best
+// point into the thread's State; lsum [q][lane] and asum [q][c][lane] are lane-wise sums relative to m,
+// added into l and acc in double once per key image (flush_sums).
+struct Fold {
+  float* __restrict m;
+  float* __restrict floor;
+  double* __restrict l;
+  double* __restrict acc;
+  int64_t* __restrict best;
+  float* __restrict lsum;
+  float* __restrict asum;
+  int64_t folded = 0, skipped = 0;
+};
+
+// Fold the logits lg (lane max vmax) of query pixel qs (column x; key row r) against the W keys of one
+// (key image n, dy): skipped when all lie below the running max minus the threshold, else exp'd and summed.
+template <int64_t G>
+inline void fold_group(const v8f* lg, v8f vmax, const Geometry& g, const float* __restrict kr, int64_t r,
+                       int64_t x, float threshold, v8f last_lane_one, int64_t n, int64_t qs, Fold& f) {
+  const float mq0 = f.m[qs];
+  if (!any_lane(vmax >= f.floor[qs])) {
+    f.skipped += g.W;
+    return;
+  }
+  float* __restrict ls = f.lsum + qs * 8;
+  float* __restrict as = f.asum + qs * g.C * 8;
+  if (any_lane(vmax > mq0)) {  // a new running max: rescale this pixel's sums, remember the arg-max key
+    const float gmax = hmax(vmax);
+    const double scale = std::exp(static_cast<double>(mq0) - gmax);  // 0 for an empty state
+    f.l[qs] *= scale;
+    const v8f fs = splat(static_cast<float>(scale));
+    store8(ls, load8(ls) * fs);
+    for (int64_t c = 0; c < g.C; ++c) {
+      f.acc[qs * g.C + c] *= scale;
+      store8(as + 8 * c, load8(as + 8 * c) * fs);
+    }
+    f.m[qs] = gmax;
+    f.floor[qs] = std::max(f.floor[qs], gmax - threshold);  // the new max key alone has mass e^gmax
+    int64_t dx = 0;
+    for (int64_t i = 0; i < 8 * G; ++i)
+      if (lg[i / 8][i % 8] == gmax) { dx = i; break; }
+    f.best[qs] = (n * g.H + r) * g.W + wrap1(x - dx, g.W);
+  }
+  const v8f mq = splat(f.m[qs]), floor = splat(f.floor[qs]);
+  v8f w[G];
+  v8f wsum = splat(0.f);
+  for (int64_t v = 0; v < G; ++v) {  // a vector of 8 keys all below the floor is skipped too
+    const int64_t lanes = v == G - 1 ? g.W - 8 * (G - 1) : 8;
+    if (!any_lane(lg[v] >= floor)) {
+      w[v] = splat(0.f);
+      f.skipped += lanes;
+      continue;
+    }
+    f.folded += lanes;
+    w[v] = exp8_fast(lg[v] - mq);
+    if (v == G - 1) w[v] *= last_lane_one;
+    wsum += w[v];
+  }
+  store8(ls, load8(ls) + wsum);
+  const int64_t jw = g.W - 1 + g.Wp;
+  for (int64_t c = 0; c < g.C; ++c) {
+    const float* __restrict krow = kr + (c * g.H + r) * jw + (g.W - 1 - x);
+    v8f vs = load8(as + 8 * c);
+    for (int64_t v = 0; v < G; ++v) vs += w[v] * load8(krow + 8 * v);
+    store8(as + 8 * c, vs);
+  }
+}
+
+// Add the lane-wise sums of one sample's pixels (relative to their running max) into its double state, and
+// raise each pixel's skip floor to ln(its mass so far) − threshold.
+void flush_sums(const Geometry& g, float threshold, Fold& f) {
+  const int64_t hw = g.H * g.W;
+  for (int64_t qs = 0; qs < hw; ++qs) {
+    f.l[qs] += hsum(load8(f.lsum + qs * 8));
+    store8(f.lsum + qs * 8, splat(0.f));
+    if (f.l[qs] > 0.0)
+      f.floor[qs] = std::max(f.floor[qs], static_cast<float>(f.m[qs] + std::log(f.l[qs]) - threshold));
+    for (int64_t c = 0; c < g.C; ++c) {
+      float* as = f.asum + (qs * g.C + c) * 8;
+      f.acc[qs * g.C + c] += hsum(load8(as));
+      store8(as, splat(0.f));
+    }
+  }
+}
+
+// Horizontal window sums of p_δ for row y (key row r): p = round(Σ_c (σq_c − σa K_c)²) in fixed point (σ² the
+// sample's scale), so the sliding sums are exact integer arithmetic: R[y][x] = Σ_{|o|≤h} p[x + o].
+template <int64_t G>
+inline void horizontal_row(const float* __restrict query, float sigma, float sigma_a, const Geometry& g,
+                           Scratch& s, int64_t y, int64_t r) {
+  const int64_t jw = g.W - 1 + g.Wp, Wp = g.Wp;
+  int32_t* __restrict prow = s.prow.data();
+  const float* __restrict kr = s.kr.data();
+  for (int64_t x = 0; x < g.W; ++x) {
+    v8f acc[G];
+    for (int64_t v = 0; v < G; ++v) acc[v] = splat(0.5f);  // + 0.5, then truncation: round to nearest
+    for (int64_t c = 0; c < g.C; ++c) {
+      const float qv = sigma * query[(c * g.H + y) * g.W + x];
+      const float* __restrict krow = kr + (c * g.H + r) * jw + (g.W - 1 - x);
+      for (int64_t v = 0; v < G; ++v) {
+        const v8f diff = qv - sigma_a * load8(krow + 8 * v);
+        acc[v] += diff * diff;
+      }
+    }
+    for (int64_t v = 0; v < G; ++v) store8i(prow + x * Wp + 8 * v, __builtin_convertvector(acc[v], v8i));
+  }
+  v8i run[G];
+  for (int64_t v = 0; v < G; ++v) run[v] = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t o = 0; o < g.P; ++o)
+    for (int64_t v = 0; v < G; ++v) run[v] += load8i(prow + s.offs_x[o] * Wp + 8 * v);
+  int32_t* __restrict out = s.rows.data() + y * g.W * Wp;
+  const int64_t* __restrict xin = s.xin.data();
+  const int64_t* __restrict xout = s.xout.data();
+  for (int64_t v = 0; v < G; ++v) store8i(out + 8 * v, run[v]);
+  for (int64_t x = 1; x < g.W; ++x) {
+    const int32_t* __restrict in = prow + xin[x] * Wp;
+    const int32_t* __restrict old = prow + xout[x] * Wp;
+    for (int64_t v = 0; v < G; ++v) {
+      run[v] += load8i(in + 8 * v) - load8i(old + 8 * v);
+      store8i(out + x * Wp + 8 * v, run[v]);
+    }
+  }
+}
+
+// One (sample, key image, dy): the distances of all H·W query pixels to the W key patches of this row shift,
+// as vertical sliding sums of the horizontal ones (exact in fixed point), folded row by row as they are made.
+template <int64_t G>
+void fold_shift(const float* query, float sigma, float sigma_a, float coef, float logw, float threshold,
+                const Geometry& g, Scratch& s, v8f last_lane_one, v8f last_lane_bias, int64_t n, int64_t dy,
+                Fold& f) {
+  for (int64_t y = 0; y < g.H; ++y) horizontal_row<G>(query, sigma, sigma_a, g, s, y, wrap1(y - dy, g.H));
+  const int64_t row = g.W * g.Wp, Wp = g.Wp;
+  const v8f scale = splat(-coef), bias = splat(logw);
+  int32_t* __restrict run = s.vrun.data();  // the vertical window sums of the current row, all columns
+  const int32_t* __restrict rows = s.rows.data();
+  const float* __restrict kr = s.kr.data();
+  std::memset(run, 0, row * sizeof(int32_t));
+  for (int64_t o = 0; o < g.P; ++o) {
+    const int32_t* __restrict src = rows + s.offs_y[o] * row;
+    for (int64_t i = 0; i < row; i += 8) store8i(run + i, load8i(run + i) + load8i(src + i));
+  }
+  for (int64_t y = 0; y < g.H; ++y) {
+    const int32_t* __restrict in = rows + s.yin[y] * row;
+    const int32_t* __restrict old = rows + s.yout[y] * row;
+    const int64_t r = wrap1(y - dy, g.H);
+    for (int64_t x = 0; x < g.W; ++x) {
+      v8f lg[G];
+      v8f vmax = splat(-INFINITY);
+      for (int64_t v = 0; v < G; ++v) {
+        const int64_t i = x * Wp + 8 * v;
+        v8i d = load8i(run + i);
+        if (y > 0) {
+          d += load8i(in + i) - load8i(old + i);
+          store8i(run + i, d);
+        }
+        lg[v] = __builtin_convertvector(d, v8f) * scale + bias;
+        if (v == G - 1) lg[v] += last_lane_bias;
+        vmax = lg[v] > vmax ? lg[v] : vmax;
+      }
+      fold_group<G>(lg, vmax, g, kr, r, x, threshold, last_lane_one, n, y * g.W + x, f);
+    }
+  }
+}
+
+void merge(const State& st, int64_t nq, int64_t C, double* m, double* l, double* acc, int64_t* best) {
+  for (int64_t q = 0; q < nq; ++q) {
+    if (!(st.l[q] > 0.0)) continue;
+    const double mt = st.m[q];
+    if (mt > m[q]) {
+      const double scale = std::exp(m[q] - mt);  // 0 when m is -inf
+      l[q] *= scale;
+      for (int64_t c = 0; c < C; ++c) acc[q * C + c] *= scale;
+      m[q] = mt;
+      if (best) best[q] = st.best[q];
+    }
+    const double w = std::exp(mt - m[q]);
+    l[q] += w * st.l[q];
+    for (int64_t c = 0; c < C; ++c) acc[q * C + c] += w * st.acc[q * C + c];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Fold key images [N, C, H, W] (per-image log-weight key_logw [N]) into the running state of every pixel of the
+// query images [B, C, H, W]: sample b at a[b] = √ᾱ_b, inv2s2[b] = 1 / (2(1 − ᾱ_b)), fixed_scale[b] the
+// fixed-point scale of its squared differences (P²·max p·scale must stay below 2^31). m, l [B·H·W] and acc
+// [B·H·W, C] are a streaming log-sum-exp state in double (m = -inf, l = acc = 0 to start); best [B·H·W] gets
+// the flat index ((image_offset + n)·H + y)·W + x of the arg-max key patch (may be null). counts[0] += pairs folded,
+// counts[1] += pairs skipped: each weighs below e^−threshold of its query pixel's total mass, so with threshold =
+// ln(K/tol) for K keys per pixel the skipped ones hold less than tol of it (see State).
+// Returns 0, or 1 for a configuration it does not cover (P even or above H or W, W > 64).
+int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int64_t P, const float* queries,
+                     const float* keys, const float* key_logw, const float* a, const float* inv2s2,
+                     const float* fixed_scale, float threshold, double* m, double* l, double* acc, int64_t* best,
+                     int64_t* counts, int64_t image_offset, int threads) {
+  if (B < 1 || N < 1 || C < 1 || H < 1 || W < 1 || P < 1 || P % 2 == 0 || P > H || P > W) return 1;
+  const int64_t Wp = (W + 7) / 8 * 8;
+  if (Wp / 8 > 8) return 1;
+  const Geometry g{C, H, W, P, Wp, Wp / 8};
+  v8f lane_one = splat(1.f), lane_bias = splat(0.f);  // of the last vector of a group: lanes dx ≥ W are padding
+  for (int i = 0; i < 8; ++i)
+    if (Wp - 8 + i >= W) {
+      lane_one[i] = 0.f;
+      lane_bias[i] = -INFINITY;
+    }
+  const int64_t nq = B * H * W, image = C * H * W;
+#ifdef _OPENMP
+  if (threads < 1) threads = 1;
+#pragma omp parallel num_threads(threads)
+#endif
+  {
+    State st(nq, C, m, l, threshold);
+    Scratch s(g);
+    std::vector<float> lsum(H * W * 8, 0.f), asum(H * W * C * 8, 0.f);
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+    for (int64_t n = 0; n < N; ++n) {
+      reversed_key(keys + n * image, g, s.kr.data());
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t q0 = b * H * W;
+        Fold f{st.m.data() + q0, st.floor.data() + q0, st.l.data() + q0, st.acc.data() + q0 * C, st.best.data() + q0, lsum.data(),
+               asum.data()};
+        const float* qb = queries + b * image;
+        const float sigma = std::sqrt(fixed_scale[b]), coef = inv2s2[b] / fixed_scale[b];
+        for (int64_t dy = 0; dy < H; ++dy) {
+          switch (g.G) {
+#define SF_FOLD_CASE(n_vec)                                                                              \
+  case n_vec:                                                                                            \
+    fold_shift<n_vec>(qb, sigma, sigma * a[b], coef, key_logw[n], threshold, g, s, lane_one, lane_bias, \
+                      n + image_offset, dy, f);                                                                         \
+    break;
+            SF_FOLD_CASE(1) SF_FOLD_CASE(2) SF_FOLD_CASE(3) SF_FOLD_CASE(4)
+            SF_FOLD_CASE(5) SF_FOLD_CASE(6) SF_FOLD_CASE(7) SF_FOLD_CASE(8)
+#undef SF_FOLD_CASE
+          }
+        }
+        flush_sums(g, threshold, f);
+        st.folded += f.folded;
+        st.skipped += f.skipped;
+      }
+    }
+#ifdef _OPENMP
+#pragma omp critical
+#endif
+    {
+      merge(st, nq, C, m, l, acc, best);
+      counts[0] += st.folded;
+      counts[1] += st.skipped;
+    }
+  }
+  return 0;
+}
+
+}  // extern "C"

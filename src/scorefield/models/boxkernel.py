@@ -1,0 +1,227 @@
+"""The box-sum cross term: the ELS posterior (circular padding, one shared bank) with every patch distance as a
+box sum (source: `scorefield/csrc/box_softmax.cpp`).
+
+For a noisy sample x (a = √ᾱ, s² = 1−ᾱ) and a training image K, the squared distance between the query patch at
+pixel u and the scaled key patch at v = u − δ (kamb-ganguli eq. 9–10, circular) is the P×P box sum at u of the
+image p_δ = Σ_c (x_c − a·K_c(· − δ))². Box sums slide: a (query pixel, key patch) pair costs O(C) for p_δ plus
+O(1) adds, whatever the patch size, instead of the O(P²·C) dot product of the GEMM path; and every term is a
+non-negative square, so the distance has no cancellation at low noise (no top-k recompute is needed).
+The squares are rounded to a fixed-point grid (scale chosen per sample so that a window sum stays below 2^30)
+and slid as exact integers, so the sliding sums never drift; the logit error from the grid is at most
+P²/(2·scale)/(2s²) per pair (`BoxResult.logit_error_bound`), ≈ 1e-5 at the sizes of the benchmarks.
+
+Keys whose whole group of W displacements lies more than `threshold` below the query pixel's running max are
+not exp'd: each weighs below e^−threshold of the final max, so the neglected fraction of the mass is at most
+(keys per query)·e^−threshold; `threshold_for` picks the threshold from a tolerance on that fraction.
+
+`box_posterior` is the entry point; `box_posterior_reference` the float64 brute-force oracle of the tests and
+of the self-check run once after the library loads. Set `SCOREFIELD_KERNEL=reference` to disable the library.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import subprocess
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .fastkernel import build_library
+
+Tensor = torch.Tensor
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "box_softmax.cpp"
+MAX_WIDTH = 64                  # image widths the kernel covers (lanes run over the W horizontal shifts)
+FIXED_POINT_RANGE = 2.0**30     # a window sum of fixed-point squares stays below this (int32 with headroom)
+DEFAULT_TOLERANCE = 1e-6        # neglected fraction of each query pixel's posterior mass
+CHUNK_PAIRS = 4e9               # (query pixel, key patch) pairs per library call: progress and interrupts
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_state = "unloaded"  # unloaded | ready | unavailable
+
+
+@dataclass
+class BoxResult:
+    """mean [B, C, H, W] (float64); best [B, H, W, 3] (training image, y, x of each pixel's arg-max key patch)
+    or None; pairs folded and skipped; the certified bound on the neglected fraction of each pixel's mass; the
+    largest logit error the fixed-point grid can cause."""
+    mean: Tensor
+    best: Tensor | None
+    folded: int
+    skipped: int
+    neglected_bound: float
+    logit_error_bound: float
+
+
+def covers(images_shape: tuple[int, ...], patch_size: int) -> bool:
+    """Whether the kernel handles training images of this shape [N, C, H, W] at this patch size."""
+    _, c, h, w = images_shape
+    return patch_size % 2 == 1 and patch_size <= min(h, w) and w <= MAX_WIDTH and c >= 1
+
+
+def memory_estimate(batch: int, images_shape: tuple[int, ...], threads: int | None = None) -> int:
+    """Bytes a call needs beyond its inputs: the double state of every query pixel, and per thread the
+    kernel's scratch (row buffers, lane-wise sums) and its own copy of the state."""
+    _, c, h, w = images_shape
+    lanes = (w + 7) // 8 * 8
+    queries = batch * h * w
+    state = queries * (8 * (3 + c) + 4 * 2)                              # m, l, acc, best; floor and m (float)
+    scratch = 4 * (c * h * (w - 1 + lanes) + h * w * lanes + 2 * w * lanes + h * w * 8 * (1 + c))
+    return state + (threads or torch.get_num_threads()) * (state + scratch)
+
+
+def threshold_for(keys_per_query: int, tolerance: float = DEFAULT_TOLERANCE) -> float:
+    """The skip threshold T with (keys per query)·e^−T = tolerance."""
+    if not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must lie in (0, 1), got {tolerance!r}")
+    return math.log(keys_per_query) - math.log(tolerance)
+
+
+def fixed_scales(x: Tensor, a: Tensor, images: Tensor, patch_size: int) -> Tensor:
+    """Per sample, the scale of the fixed-point squares: P²·C·(max|x_b| + a_b·max|K|)²·scale = 2^30."""
+    c = x.shape[1]
+    x_max = x.detach().abs().flatten(1).max(1).values.to(torch.float64)
+    k_max = float(images.abs().max())
+    p_max = c * (x_max + a.to(torch.float64) * k_max) ** 2
+    return FIXED_POINT_RANGE / (patch_size**2 * p_max.clamp_min(1e-12))
+
+
+def _load() -> bool:
+    global _library, _state
+    with _lock:
+        if _state != "unloaded":
+            return _state == "ready"
+        _state = "unavailable"
+        if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
+            return False
+        try:
+            lib = ctypes.CDLL(str(build_library(SOURCE)))
+            i64, ptr = ctypes.c_int64, ctypes.c_void_p
+            lib.sf_box_posterior.restype = ctypes.c_int
+            lib.sf_box_posterior.argtypes = [i64] * 6 + [ptr] * 6 + [ctypes.c_float] + [ptr] * 5 + [i64, ctypes.c_int]
+            _library = lib
+            _state = "ready"
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            warnings.warn(f"scorefield: compiled box-sum kernel unavailable, using the GEMM path ({err})",
+                          RuntimeWarning, stacklevel=3)
+            return False
+    if not _self_check():
+        with _lock:
+            _state = "unavailable"
+        warnings.warn("scorefield: compiled box-sum kernel failed its self-check, using the GEMM path",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the compiled box-sum kernel is built, loaded and agrees with the float64 reference."""
+    return _load()
+
+
+def _self_check() -> bool:
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 2, 7, 10, generator=gen) * 2 - 1
+    x = 0.6 * images[:2].flip(0) + 0.5 * torch.randn(2, 2, 7, 10, generator=gen)
+    alpha_bar = torch.tensor([0.4, 0.95], dtype=torch.float64)
+    logw = torch.tensor([0.0, -0.5, 0.3], dtype=torch.float64)
+    got = _run(x, alpha_bar, images, logw, 5, threshold=1e9, provenance=False)
+    want = box_posterior_reference(x, alpha_bar, images, logw, 5)
+    return bool((got.mean - want).abs().max() < 1e-5)
+
+
+def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patch_size: int, threshold: float,
+         provenance: bool, chunk_images: int | None = None, progress: bool = False) -> BoxResult:
+    b, c, h, w = x.shape
+    n = images.shape[0]
+    ab = alpha_bar.to(torch.float64)
+    a = ab.sqrt()
+    s2 = (1 - ab).clamp_min(1e-30)
+    scale = fixed_scales(x, a, images, patch_size)
+    queries = x.detach().to(torch.float32).contiguous()
+    keys = images.detach().to(torch.float32).contiguous()
+    logw = log_weights.to(torch.float32).contiguous()
+    a32, inv2s2 = a.to(torch.float32), (1 / (2 * s2)).to(torch.float32)
+    scale32 = scale.to(torch.float32)
+    m = torch.full((b * h * w,), -math.inf, dtype=torch.float64)
+    l = torch.zeros(b * h * w, dtype=torch.float64)
+    acc = torch.zeros(b * h * w, c, dtype=torch.float64)
+    best = torch.full((b * h * w,), -1, dtype=torch.int64)
+    counts = torch.zeros(2, dtype=torch.int64)
+    per_call = chunk_images or max(1, int(CHUNK_PAIRS // (b * (h * w) ** 2)))
+    starts = range(0, n, per_call)
+    for start in tqdm(starts, desc=f"box P={patch_size}", disable=not progress, leave=False):
+        stop = min(n, start + per_call)
+        code = _library.sf_box_posterior(
+            b, stop - start, c, h, w, patch_size, queries.data_ptr(), keys[start].data_ptr(),
+            logw[start].data_ptr(), a32.data_ptr(), inv2s2.data_ptr(), scale32.data_ptr(), float(threshold),
+            m.data_ptr(), l.data_ptr(), acc.data_ptr(), best.data_ptr(), counts.data_ptr(), start,
+            torch.get_num_threads())
+        if code != 0:
+            raise ValueError(f"the box-sum kernel does not cover images {tuple(images.shape)} at P={patch_size}")
+    mean = (acc / l[:, None]).reshape(b, h, w, c).permute(0, 3, 1, 2)
+    folded, skipped = int(counts[0]), int(counts[1])
+    keys_per_query = n * h * w
+    bound = keys_per_query * math.exp(-threshold) if skipped else 0.0
+    grid = float((patch_size**2 / (2 * scale) / (2 * s2)).max())
+    where = _key_coordinates(best, h, w).reshape(b, h, w, 3) if provenance else None
+    return BoxResult(mean, where, folded, skipped, bound, grid)
+
+
+def _key_coordinates(flat: Tensor, h: int, w: int) -> Tensor:
+    """Flat key indices (n·H + y)·W + x -> [..., 3] (n, y, x)."""
+    return torch.stack([flat // (h * w), (flat // w) % h, flat % w], dim=-1)
+
+
+def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_size: int, *,
+                  log_weights: Tensor | None = None, tolerance: float = DEFAULT_TOLERANCE,
+                  provenance: bool = False, chunk_images: int | None = None,
+                  progress: bool | None = None) -> BoxResult:
+    """The ELS posterior mean (circular padding) of noisy images x [B, C, H, W] at ᾱ [B] (or a scalar) over all
+    H·W circular P×P patches of training images [N, C, H, W] with per-image log-weights [N], by the compiled
+    box-sum kernel; the exp of key groups more than threshold_for(N·H·W, tolerance) below a pixel's running max
+    is skipped (certified bound in the result). Raises RuntimeError when the library is not available."""
+    if x.ndim != 4 or images.ndim != 4 or tuple(x.shape[1:]) != tuple(images.shape[1:]):
+        raise ValueError(f"x {tuple(x.shape)} and images {tuple(images.shape)} must be [B|N, C, H, W] alike")
+    if not covers(tuple(images.shape), patch_size):
+        raise ValueError(f"the box-sum kernel needs an odd P ≤ min(H, W) and W ≤ {MAX_WIDTH}; got P={patch_size} "
+                         f"for images {tuple(images.shape[1:])}")
+    if not available():
+        raise RuntimeError("the compiled box-sum kernel is not available (see the warning above)")
+    b, _, h, w = x.shape
+    n = images.shape[0]
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(b)
+    logw = torch.zeros(n, dtype=torch.float64) if log_weights is None \
+        else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
+    threshold = threshold_for(n * h * w, tolerance)
+    show = progress if progress is not None else b * n * (h * w) ** 2 > 4 * CHUNK_PAIRS
+    return _run(x, ab, images, logw, patch_size, threshold, provenance, chunk_images, show)
+
+
+def box_posterior_reference(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor,
+                            patch_size: int) -> Tensor:
+    """Float64 brute force of the same posterior mean [B, C, H, W]: every patch pair's distance in full."""
+    b, c, h, w = x.shape
+    pad = patch_size // 2
+
+    def patches(t: Tensor) -> Tensor:   # [M, H·W, C·P²], circular
+        t = torch.nn.functional.pad(t.to(torch.float64), (pad, pad, pad, pad), mode="circular")
+        return torch.nn.functional.unfold(t, patch_size).transpose(1, 2)
+
+    keys = patches(images).reshape(-1, c * patch_size**2)                       # [N·H·W, D]
+    centre = images.to(torch.float64).permute(0, 2, 3, 1).reshape(-1, c)        # [N·H·W, C]
+    logw = torch.as_tensor(log_weights, dtype=torch.float64).repeat_interleave(h * w)
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(b)
+    out = []
+    for q, abar in zip(patches(x), ab, strict=True):
+        a, s2 = math.sqrt(float(abar)), max(1 - float(abar), 1e-30)
+        dist = torch.cdist(q, a * keys, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+        weights = torch.softmax(logw - dist / (2 * s2), dim=1)
+        out.append((weights @ centre).T.reshape(c, h, w))
+    return torch.stack(out)
