@@ -118,3 +118,47 @@ def test_els_sampler_is_the_same_with_box_sums_and_gemm():
         model = sf.models.make("els", data, patch_size=7, padding="circular", cross_term=cross)
         runs[cross] = sf.sampling.sample(model, noise, steps=12, sampler="ddim", schedule="cosine")
     assert (runs["box"] - runs["gemm"]).abs().max() < 1e-4
+
+
+def sparse_images(n: int, c: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """A constant background (−1) with a few random strokes: many constant patches, as in MNIST."""
+    images = torch.full((n, c, h, w), -1.0)
+    for i in range(n):
+        y, x = torch.randint(h - 3, (2,), generator=gen).tolist()
+        images[i, :, y:y + 3, x:x + 2] = torch.rand(c, 3, 2, generator=gen) * 2 - 1
+    return images
+
+
+@needs_kernel
+@pytest.mark.parametrize("alpha_bar", [0.1, 0.9, 0.9999])
+def test_constant_patches_merge_into_one_key_exactly(alpha_bar):
+    gen = torch.Generator().manual_seed(int(alpha_bar * 1e4))
+    images = sparse_images(5, 2, 12, 13, gen)
+    logw = torch.randn(5, generator=gen, dtype=torch.float64)
+    x = noisy(images, 3, alpha_bar, gen)
+    ab = torch.full((3,), alpha_bar, dtype=torch.float64)
+    want = boxkernel.box_posterior_reference(x, ab, images, logw, 5)
+    merged = boxkernel.box_posterior(x, ab, images, 5, log_weights=logw, provenance=True)
+    plain = boxkernel.box_posterior(x, ab, images, 5, log_weights=logw, provenance=True, constant_value=None)
+    assert boxkernel.most_frequent_value(images) == -1.0
+    for got in (merged, plain):
+        assert (got.mean - want).abs().max() < 1e-5
+    assert merged.folded < plain.folded        # the constant patches are folded once per pixel, not one by one
+    constant = boxkernel.constant_keys(images, logw, 5, -1.0)
+    n, y, x_ = constant.first // (12 * 13), constant.first // 13 % 12, constant.first % 13
+    window = torch.nn.functional.pad(images[n:n + 1], (2, 2, 2, 2), mode="circular")[0, :, y:y + 5, x_:x_ + 5]
+    assert (window == -1).all()
+    if alpha_bar == 0.9999:   # ties broken differently, but both name the same nearest patch content
+        keys = torch.nn.functional.unfold(torch.nn.functional.pad(images, (2,) * 4, mode="circular"), 5)
+        keys = keys.transpose(1, 2)                                                  # [N, H·W, C·25]
+
+        def content(best):
+            return keys[best[..., 0], best[..., 1] * 13 + best[..., 2]]
+        assert torch.equal(content(merged.best), content(plain.best))
+
+
+def test_circular_box_sum_is_the_window_sum():
+    t = torch.randn(2, 3, 7, 9, dtype=torch.float64)
+    got = boxkernel.circular_box_sum(t, 5)
+    want = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(t, (2, 2, 2, 2), mode="circular"), 5, 1) * 25
+    assert torch.allclose(got, want, atol=1e-12)

@@ -91,13 +91,42 @@ void reversed_key(const float* key, const Geometry& g, float* kr) {
         kr[(c * g.H + r) * jw + j] = key[(c * g.H + r) * g.W + wrap(g.W - 1 - j, g.W)];
 }
 
+// The key bias in the reversed layout of reversed_key: kb[r][j] = logw for the key patch centred at
+// (r, (W − 1 − j) mod W), or −inf when that P×P patch is constant (every value, every channel, equal to
+// const_value): those keys are folded once per query pixel by the caller as one key with their multiplicity,
+// so they are left out here (a NaN const_value matches nothing).
+void key_bias(const float* key, const Geometry& g, float logw, float const_value, int32_t* work, float* kb) {
+  const int64_t jw = g.W - 1 + g.Wp, h = g.P / 2, hw = g.H * g.W;
+  int32_t* odd = work;          // 1 where some channel differs from const_value
+  int32_t* across = work + hw;  // horizontal window counts
+  for (int64_t i = 0; i < hw; ++i) {
+    int32_t differs = 0;
+    for (int64_t c = 0; c < g.C; ++c) differs |= !(key[c * hw + i] == const_value);
+    odd[i] = differs;
+  }
+  for (int64_t y = 0; y < g.H; ++y)
+    for (int64_t x = 0; x < g.W; ++x) {
+      int32_t count = 0;
+      for (int64_t o = -h; o <= h; ++o) count += odd[y * g.W + wrap(x + o, g.W)];
+      across[y * g.W + x] = count;
+    }
+  for (int64_t r = 0; r < g.H; ++r)
+    for (int64_t j = 0; j < jw; ++j) {
+      const int64_t x = wrap(g.W - 1 - j, g.W);
+      int32_t count = 0;
+      for (int64_t o = -h; o <= h; ++o) count += across[wrap(r + o, g.H) * g.W + x];
+      kb[r * jw + j] = count == 0 ? -INFINITY : logw;
+    }
+}
+
 struct Scratch {
-  std::vector<float> kr;             // reversed key image (see reversed_key)
+  std::vector<float> kr, kb;         // reversed key image (see reversed_key) and its key bias (key_bias)
+  std::vector<int32_t> work;
   std::vector<int32_t> prow, rows, vrun;  // p_δ of one row [x][lane]; horizontal sums R[y][x][lane]; vertical
   std::vector<int64_t> xin, xout, yin, yout;  // circular slide tables: entering / leaving index of window at i
   std::vector<int64_t> offs_x, offs_y;         // the P offsets −h..h, wrapped
   explicit Scratch(const Geometry& g)
-      : kr(g.C * g.H * (g.W - 1 + g.Wp)), prow(g.W * g.Wp), rows(g.H * g.W * g.Wp), vrun(g.W * g.Wp),
+      : kr(g.C * g.H * (g.W - 1 + g.Wp)), kb(g.H * (g.W - 1 + g.Wp)), work(2 * g.H * g.W), prow(g.W * g.Wp), rows(g.H * g.W * g.Wp), vrun(g.W * g.Wp),
         xin(g.W), xout(g.W), yin(g.H), yout(g.H), offs_x(g.P), offs_y(g.P) {
     const int64_t h = g.P / 2;
     for (int64_t x = 0; x < g.W; ++x) { xin[x] = wrap(x + h, g.W); xout[x] = wrap(x - h - 1, g.W); }
@@ -125,25 +154,23 @@ struct Fold {
 };
 
 // Fold the logits lg (lane max vmax) of query pixel qs (column x; key row r) against the W keys of one
-// (key image n, dy): skipped when all lie below the running max minus the threshold, else exp'd and summed.
-template <int64_t G>
-inline void fold_group(const v8f* lg, v8f vmax, const Geometry& g, const float* __restrict kr, int64_t r,
-                       int64_t x, float threshold, v8f last_lane_one, int64_t n, int64_t qs, Fold& f) {
+// (key image n, dy): skipped when all lie below the pixel's skip floor, else exp'd (vector by vector, a vector
+// all below the floor skipped too) and summed with their C centre values. Returns the pairs folded.
+template <int64_t G, int64_t C>
+inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const float* __restrict kr, int64_t r,
+                          int64_t x, float threshold, v8f last_lane_one, int64_t n, int64_t qs, Fold& f) {
+  if (!any_lane(vmax >= f.floor[qs])) return 0;
   const float mq0 = f.m[qs];
-  if (!any_lane(vmax >= f.floor[qs])) {
-    f.skipped += g.W;
-    return;
-  }
   float* __restrict ls = f.lsum + qs * 8;
-  float* __restrict as = f.asum + qs * g.C * 8;
+  float* __restrict as = f.asum + qs * C * 8;
   if (any_lane(vmax > mq0)) {  // a new running max: rescale this pixel's sums, remember the arg-max key
     const float gmax = hmax(vmax);
     const double scale = std::exp(static_cast<double>(mq0) - gmax);  // 0 for an empty state
     f.l[qs] *= scale;
     const v8f fs = splat(static_cast<float>(scale));
     store8(ls, load8(ls) * fs);
-    for (int64_t c = 0; c < g.C; ++c) {
-      f.acc[qs * g.C + c] *= scale;
+    for (int64_t c = 0; c < C; ++c) {
+      f.acc[qs * C + c] *= scale;
       store8(as + 8 * c, load8(as + 8 * c) * fs);
     }
     f.m[qs] = gmax;
@@ -154,28 +181,22 @@ inline void fold_group(const v8f* lg, v8f vmax, const Geometry& g, const float* 
     f.best[qs] = (n * g.H + r) * g.W + wrap1(x - dx, g.W);
   }
   const v8f mq = splat(f.m[qs]), floor = splat(f.floor[qs]);
-  v8f w[G];
-  v8f wsum = splat(0.f);
-  for (int64_t v = 0; v < G; ++v) {  // a vector of 8 keys all below the floor is skipped too
-    const int64_t lanes = v == G - 1 ? g.W - 8 * (G - 1) : 8;
-    if (!any_lane(lg[v] >= floor)) {
-      w[v] = splat(0.f);
-      f.skipped += lanes;
-      continue;
-    }
-    f.folded += lanes;
-    w[v] = exp8_fast(lg[v] - mq);
-    if (v == G - 1) w[v] *= last_lane_one;
-    wsum += w[v];
-  }
-  store8(ls, load8(ls) + wsum);
   const int64_t jw = g.W - 1 + g.Wp;
-  for (int64_t c = 0; c < g.C; ++c) {
-    const float* __restrict krow = kr + (c * g.H + r) * jw + (g.W - 1 - x);
-    v8f vs = load8(as + 8 * c);
-    for (int64_t v = 0; v < G; ++v) vs += w[v] * load8(krow + 8 * v);
-    store8(as + 8 * c, vs);
+  const float* __restrict krow = kr + r * jw + (g.W - 1 - x);
+  v8f wsum = load8(ls), vs[C];
+  for (int64_t c = 0; c < C; ++c) vs[c] = load8(as + 8 * c);
+  int64_t folded = 0;
+  for (int64_t v = 0; v < G; ++v) {
+    if (!any_lane(lg[v] >= floor)) continue;
+    folded += v == G - 1 ? g.W - 8 * (G - 1) : 8;
+    v8f w = exp8_fast(lg[v] - mq);
+    if (v == G - 1) w *= last_lane_one;
+    wsum += w;
+    for (int64_t c = 0; c < C; ++c) vs[c] += w * load8(krow + c * g.H * jw + 8 * v);
   }
+  store8(ls, wsum);
+  for (int64_t c = 0; c < C; ++c) store8(as + 8 * c, vs[c]);
+  return folded;
 }
 
 // Add the lane-wise sums of one sample's pixels (relative to their running max) into its double state, and
@@ -197,7 +218,7 @@ void flush_sums(const Geometry& g, float threshold, Fold& f) {
 
 // Horizontal window sums of p_δ for row y (key row r): p = round(Σ_c (σq_c − σa K_c)²) in fixed point (σ² the
 // sample's scale), so the sliding sums are exact integer arithmetic: R[y][x] = Σ_{|o|≤h} p[x + o].
-template <int64_t G>
+template <int64_t G, int64_t C>
 inline void horizontal_row(const float* __restrict query, float sigma, float sigma_a, const Geometry& g,
                            Scratch& s, int64_t y, int64_t r) {
   const int64_t jw = g.W - 1 + g.Wp, Wp = g.Wp;
@@ -206,7 +227,7 @@ inline void horizontal_row(const float* __restrict query, float sigma, float sig
   for (int64_t x = 0; x < g.W; ++x) {
     v8f acc[G];
     for (int64_t v = 0; v < G; ++v) acc[v] = splat(0.5f);  // + 0.5, then truncation: round to nearest
-    for (int64_t c = 0; c < g.C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       const float qv = sigma * query[(c * g.H + y) * g.W + x];
       const float* __restrict krow = kr + (c * g.H + r) * jw + (g.W - 1 - x);
       for (int64_t v = 0; v < G; ++v) {
@@ -236,16 +257,18 @@ inline void horizontal_row(const float* __restrict query, float sigma, float sig
 
 // One (sample, key image, dy): the distances of all H·W query pixels to the W key patches of this row shift,
 // as vertical sliding sums of the horizontal ones (exact in fixed point), folded row by row as they are made.
-template <int64_t G>
-void fold_shift(const float* query, float sigma, float sigma_a, float coef, float logw, float threshold,
+template <int64_t G, int64_t C>
+void fold_shift(const float* query, float sigma, float sigma_a, float coef, float threshold,
                 const Geometry& g, Scratch& s, v8f last_lane_one, v8f last_lane_bias, int64_t n, int64_t dy,
                 Fold& f) {
-  for (int64_t y = 0; y < g.H; ++y) horizontal_row<G>(query, sigma, sigma_a, g, s, y, wrap1(y - dy, g.H));
+  for (int64_t y = 0; y < g.H; ++y) horizontal_row<G, C>(query, sigma, sigma_a, g, s, y, wrap1(y - dy, g.H));
   const int64_t row = g.W * g.Wp, Wp = g.Wp;
-  const v8f scale = splat(-coef), bias = splat(logw);
+  const v8f scale = splat(-coef);
+  const int64_t jw = g.W - 1 + g.Wp;
   int32_t* __restrict run = s.vrun.data();  // the vertical window sums of the current row, all columns
   const int32_t* __restrict rows = s.rows.data();
   const float* __restrict kr = s.kr.data();
+  int64_t folded = 0;
   std::memset(run, 0, row * sizeof(int32_t));
   for (int64_t o = 0; o < g.P; ++o) {
     const int32_t* __restrict src = rows + s.offs_y[o] * row;
@@ -256,6 +279,7 @@ void fold_shift(const float* query, float sigma, float sigma_a, float coef, floa
     const int32_t* __restrict old = rows + s.yout[y] * row;
     const int64_t r = wrap1(y - dy, g.H);
     for (int64_t x = 0; x < g.W; ++x) {
+      const float* __restrict kb = s.kb.data() + r * jw + (g.W - 1 - x);
       v8f lg[G];
       v8f vmax = splat(-INFINITY);
       for (int64_t v = 0; v < G; ++v) {
@@ -265,13 +289,15 @@ void fold_shift(const float* query, float sigma, float sigma_a, float coef, floa
           d += load8i(in + i) - load8i(old + i);
           store8i(run + i, d);
         }
-        lg[v] = __builtin_convertvector(d, v8f) * scale + bias;
+        lg[v] = __builtin_convertvector(d, v8f) * scale + load8(kb + 8 * v);
         if (v == G - 1) lg[v] += last_lane_bias;
         vmax = lg[v] > vmax ? lg[v] : vmax;
       }
-      fold_group<G>(lg, vmax, g, kr, r, x, threshold, last_lane_one, n, y * g.W + x, f);
+      folded += fold_group<G, C>(lg, vmax, g, kr, r, x, threshold, last_lane_one, n, y * g.W + x, f);
     }
   }
+  f.folded += folded;
+  f.skipped += g.H * g.W * g.W - folded;
 }
 
 void merge(const State& st, int64_t nq, int64_t C, double* m, double* l, double* acc, int64_t* best) {
@@ -299,15 +325,16 @@ extern "C" {
 // query images [B, C, H, W]: sample b at a[b] = √ᾱ_b, inv2s2[b] = 1 / (2(1 − ᾱ_b)), fixed_scale[b] the
 // fixed-point scale of its squared differences (P²·max p·scale must stay below 2^31). m, l [B·H·W] and acc
 // [B·H·W, C] are a streaming log-sum-exp state in double (m = -inf, l = acc = 0 to start); best [B·H·W] gets
-// the flat index ((image_offset + n)·H + y)·W + x of the arg-max key patch (may be null). counts[0] += pairs folded,
-// counts[1] += pairs skipped: each weighs below e^−threshold of its query pixel's total mass, so with threshold =
-// ln(K/tol) for K keys per pixel the skipped ones hold less than tol of it (see State).
-// Returns 0, or 1 for a configuration it does not cover (P even or above H or W, W > 64).
+// the flat index ((image_offset + n)·H + y)·W + x of the arg-max key patch (may be null). counts[0] += pairs
+// folded, counts[1] += pairs skipped: each weighs below e^−threshold of its query pixel's total mass, so with
+// threshold = ln(K/tol) for K keys per pixel the skipped ones hold less than tol of it (see State). Key patches
+// constant at const_value are left out (the caller folds them as one key with their multiplicity; NaN: none).
+// Returns 0, or 1 for a configuration it does not cover (P even or above H or W, W > 64, C > 4).
 int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int64_t P, const float* queries,
                      const float* keys, const float* key_logw, const float* a, const float* inv2s2,
-                     const float* fixed_scale, float threshold, double* m, double* l, double* acc, int64_t* best,
-                     int64_t* counts, int64_t image_offset, int threads) {
-  if (B < 1 || N < 1 || C < 1 || H < 1 || W < 1 || P < 1 || P % 2 == 0 || P > H || P > W) return 1;
+                     const float* fixed_scale, float threshold, float const_value, double* m, double* l,
+                     double* acc, int64_t* best, int64_t* counts, int64_t image_offset, int threads) {
+  if (B < 1 || N < 1 || C < 1 || C > 4 || H < 1 || W < 1 || P < 1 || P % 2 == 0 || P > H || P > W) return 1;
   const int64_t Wp = (W + 7) / 8 * 8;
   if (Wp / 8 > 8) return 1;
   const Geometry g{C, H, W, P, Wp, Wp / 8};
@@ -331,6 +358,7 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
 #endif
     for (int64_t n = 0; n < N; ++n) {
       reversed_key(keys + n * image, g, s.kr.data());
+      key_bias(keys + n * image, g, key_logw[n], const_value, s.work.data(), s.kb.data());
       for (int64_t b = 0; b < B; ++b) {
         const int64_t q0 = b * H * W;
         Fold f{st.m.data() + q0, st.floor.data() + q0, st.l.data() + q0, st.acc.data() + q0 * C, st.best.data() + q0, lsum.data(),
@@ -338,14 +366,16 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
         const float* qb = queries + b * image;
         const float sigma = std::sqrt(fixed_scale[b]), coef = inv2s2[b] / fixed_scale[b];
         for (int64_t dy = 0; dy < H; ++dy) {
-          switch (g.G) {
-#define SF_FOLD_CASE(n_vec)                                                                              \
-  case n_vec:                                                                                            \
-    fold_shift<n_vec>(qb, sigma, sigma * a[b], coef, key_logw[n], threshold, g, s, lane_one, lane_bias, \
-                      n + image_offset, dy, f);                                                                         \
+          switch (g.G * 8 + C) {
+#define SF_FOLD_CASE(n_vec, n_ch)                                                                        \
+  case n_vec * 8 + n_ch:                                                                                 \
+    fold_shift<n_vec, n_ch>(qb, sigma, sigma * a[b], coef, threshold, g, s, lane_one,                   \
+                            lane_bias, n + image_offset, dy, f);                                         \
     break;
-            SF_FOLD_CASE(1) SF_FOLD_CASE(2) SF_FOLD_CASE(3) SF_FOLD_CASE(4)
-            SF_FOLD_CASE(5) SF_FOLD_CASE(6) SF_FOLD_CASE(7) SF_FOLD_CASE(8)
+#define SF_FOLD_CASES(n_vec) SF_FOLD_CASE(n_vec, 1) SF_FOLD_CASE(n_vec, 2) SF_FOLD_CASE(n_vec, 3) SF_FOLD_CASE(n_vec, 4)
+            SF_FOLD_CASES(1) SF_FOLD_CASES(2) SF_FOLD_CASES(3) SF_FOLD_CASES(4)
+            SF_FOLD_CASES(5) SF_FOLD_CASES(6) SF_FOLD_CASES(7) SF_FOLD_CASES(8)
+#undef SF_FOLD_CASES
 #undef SF_FOLD_CASE
           }
         }

@@ -37,6 +37,7 @@ Tensor = torch.Tensor
 
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "box_softmax.cpp"
 MAX_WIDTH = 64                  # image widths the kernel covers (lanes run over the W horizontal shifts)
+MAX_CHANNELS = 4                # channels it covers (the centre values are summed in registers)
 FIXED_POINT_RANGE = 2.0**30     # a window sum of fixed-point squares stays below this (int32 with headroom)
 DEFAULT_TOLERANCE = 1e-6        # neglected fraction of each query pixel's posterior mass
 CHUNK_PAIRS = 4e9               # (query pixel, key patch) pairs per library call: progress and interrupts
@@ -62,7 +63,7 @@ class BoxResult:
 def covers(images_shape: tuple[int, ...], patch_size: int) -> bool:
     """Whether the kernel handles training images of this shape [N, C, H, W] at this patch size."""
     _, c, h, w = images_shape
-    return patch_size % 2 == 1 and patch_size <= min(h, w) and w <= MAX_WIDTH and c >= 1
+    return patch_size % 2 == 1 and patch_size <= min(h, w) and w <= MAX_WIDTH and 1 <= c <= MAX_CHANNELS
 
 
 def memory_estimate(batch: int, images_shape: tuple[int, ...], threads: int | None = None) -> int:
@@ -104,7 +105,8 @@ def _load() -> bool:
             lib = ctypes.CDLL(str(build_library(SOURCE)))
             i64, ptr = ctypes.c_int64, ctypes.c_void_p
             lib.sf_box_posterior.restype = ctypes.c_int
-            lib.sf_box_posterior.argtypes = [i64] * 6 + [ptr] * 6 + [ctypes.c_float] + [ptr] * 5 + [i64, ctypes.c_int]
+            lib.sf_box_posterior.argtypes = ([i64] * 6 + [ptr] * 6 + [ctypes.c_float] * 2 + [ptr] * 5
+                                             + [i64, ctypes.c_int])
             _library = lib
             _state = "ready"
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -136,8 +138,55 @@ def _self_check() -> bool:
     return bool((got.mean - want).abs().max() < 1e-5)
 
 
+@dataclass
+class ConstantKeys:
+    """The key patches equal to `value` at every pixel and channel, merged into one key: their summed
+    log-weight log Σ_n count_n·w_n and the flat index of the first one (its provenance)."""
+    value: float
+    log_weight: float
+    first: int
+
+    def logits(self, x: Tensor, a: Tensor, s2: Tensor, patch_size: int) -> Tensor:
+        """[B, H, W]: log_weight − Σ_window Σ_c (x_c − a·value)² / 2s², in float64 (circular windows)."""
+        sq = ((x.to(torch.float64) - a[:, None, None, None] * self.value) ** 2).sum(1, keepdim=True)
+        return self.log_weight - circular_box_sum(sq, patch_size)[:, 0] / (2 * s2[:, None, None])
+
+
+def circular_box_sum(t: Tensor, patch_size: int) -> Tensor:
+    """P×P window sums, centred, with circular wrap: [M, C, H, W] -> [M, C, H, W]."""
+    r = patch_size // 2
+    padded = torch.nn.functional.pad(t, (r, r, r, r), mode="circular")
+    cum = padded.cumsum(2).cumsum(3)
+    cum = torch.nn.functional.pad(cum, (1, 0, 1, 0))
+    p = patch_size
+    return cum[..., p:, p:] - cum[..., :-p, p:] - cum[..., p:, :-p] + cum[..., :-p, :-p]
+
+
+def most_frequent_value(images: Tensor) -> float:
+    """The pixel value that occurs most often (MNIST's background), the candidate for constant key patches."""
+    values, counts = torch.unique(images.detach().reshape(-1), return_counts=True)
+    return float(values[counts.argmax()])
+
+
+def constant_keys(images: Tensor, log_weights: Tensor, patch_size: int,
+                  value: float | None) -> ConstantKeys | None:
+    """The constant key patches at `value` (None: no merging), or None when there are none."""
+    if value is None or not math.isfinite(value):
+        return None
+    differs = (images.detach() != value).any(1, keepdim=True).to(torch.float64)     # [N, 1, H, W]
+    constant = circular_box_sum(differs, patch_size)[:, 0] < 0.5                       # [N, H, W]
+    per_image = constant.flatten(1).sum(1)
+    if int(per_image.sum()) == 0:
+        return None
+    used = per_image > 0
+    log_weight = float(torch.logsumexp(log_weights[used] + per_image[used].to(torch.float64).log(), 0))
+    first = int(torch.nonzero(constant.reshape(-1))[0])
+    return ConstantKeys(float(value), log_weight, first)
+
+
 def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patch_size: int, threshold: float,
-         provenance: bool, chunk_images: int | None = None, progress: bool = False) -> BoxResult:
+         provenance: bool, chunk_images: int | None = None, progress: bool = False,
+         constant_value: float | None = None) -> BoxResult:
     b, c, h, w = x.shape
     n = images.shape[0]
     ab = alpha_bar.to(torch.float64)
@@ -154,6 +203,13 @@ def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patc
     acc = torch.zeros(b * h * w, c, dtype=torch.float64)
     best = torch.full((b * h * w,), -1, dtype=torch.int64)
     counts = torch.zeros(2, dtype=torch.int64)
+    constant = constant_keys(images, log_weights, patch_size, constant_value)
+    if constant is not None:   # all constant key patches as one key of log-weight log Σ_n count_n·w_n
+        m[:] = constant.logits(x, a, s2, patch_size).reshape(-1)
+        l[:] = 1.0
+        acc[:] = constant.value
+        best[:] = constant.first
+        counts[0] += b * h * w
     per_call = chunk_images or max(1, int(CHUNK_PAIRS // (b * (h * w) ** 2)))
     starts = range(0, n, per_call)
     for start in tqdm(starts, desc=f"box P={patch_size}", disable=not progress, leave=False):
@@ -161,6 +217,7 @@ def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patc
         code = _library.sf_box_posterior(
             b, stop - start, c, h, w, patch_size, queries.data_ptr(), keys[start].data_ptr(),
             logw[start].data_ptr(), a32.data_ptr(), inv2s2.data_ptr(), scale32.data_ptr(), float(threshold),
+            float("nan") if constant is None else constant.value,
             m.data_ptr(), l.data_ptr(), acc.data_ptr(), best.data_ptr(), counts.data_ptr(), start,
             torch.get_num_threads())
         if code != 0:
@@ -182,11 +239,13 @@ def _key_coordinates(flat: Tensor, h: int, w: int) -> Tensor:
 def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_size: int, *,
                   log_weights: Tensor | None = None, tolerance: float = DEFAULT_TOLERANCE,
                   provenance: bool = False, chunk_images: int | None = None,
-                  progress: bool | None = None) -> BoxResult:
+                  progress: bool | None = None, constant_value: float | str | None = "auto") -> BoxResult:
     """The ELS posterior mean (circular padding) of noisy images x [B, C, H, W] at ᾱ [B] (or a scalar) over all
     H·W circular P×P patches of training images [N, C, H, W] with per-image log-weights [N], by the compiled
     box-sum kernel; the exp of key groups more than threshold_for(N·H·W, tolerance) below a pixel's running max
-    is skipped (certified bound in the result). Raises RuntimeError when the library is not available."""
+    is skipped (certified bound in the result). Key patches constant at constant_value ('auto': the most frequent
+    pixel value; None: off) are merged into one key with their multiplicity (exact), so they are not folded one
+    by one. Raises RuntimeError when the library is not available."""
     if x.ndim != 4 or images.ndim != 4 or tuple(x.shape[1:]) != tuple(images.shape[1:]):
         raise ValueError(f"x {tuple(x.shape)} and images {tuple(images.shape)} must be [B|N, C, H, W] alike")
     if not covers(tuple(images.shape), patch_size):
@@ -201,7 +260,9 @@ def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_si
         else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
     threshold = threshold_for(n * h * w, tolerance)
     show = progress if progress is not None else b * n * (h * w) ** 2 > 4 * CHUNK_PAIRS
-    return _run(x, ab, images, logw, patch_size, threshold, provenance, chunk_images, show)
+    if constant_value == "auto":
+        constant_value = most_frequent_value(images)
+    return _run(x, ab, images, logw, patch_size, threshold, provenance, chunk_images, show, constant_value)
 
 
 def box_posterior_reference(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor,
