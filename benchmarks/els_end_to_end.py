@@ -43,8 +43,15 @@ def patch_sizes(steps: int) -> list[int]:
     return [int(2 * round((float(v) - 1) / 2) + 1) for v in raw]
 
 
-def sample(model, noise: torch.Tensor, steps: int, record: list | None = None) -> tuple[torch.Tensor, float]:
+def sample(model, noise: torch.Tensor, steps: int, record: list | None = None,
+           step_seconds: list | None = None) -> tuple[torch.Tensor, float]:
+    last = [time.perf_counter()]
+
     def keep(info: dict) -> None:
+        now = time.perf_counter()
+        if step_seconds is not None and info.get("x0_hat") is not None:
+            step_seconds.append(now - last[0])
+        last[0] = now
         if record is not None and info.get("x0_hat") is not None:
             x = info["x"].clone()                                            # [B, C, H, W]
             record.append((x, torch.full((x.shape[0],), float(info["alpha_bar"]), dtype=x.dtype)))
@@ -121,16 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     exact = sf.models.make("els", data, patch_size=sizes, padding="circular", dtype=torch.float64,
                            prune=args.prune_reference)
     states: list = []
+    step_seconds: list = []
     print(f"load {os.getloadavg()}; threads {torch.get_num_threads()}; sizes {sizes}", flush=True)
     s64 = t64 = None
     if args.reference_run:
         s64, t64 = sample(exact, noise.double(), args.steps, states)
         print(f"float64 reference: {t64:.1f} s", flush=True)
-        s32, t32 = sample(fast, noise, args.steps)
+        s32, t32 = sample(fast, noise, args.steps, step_seconds=step_seconds)
         print(f"scorefield float32: {t32:.1f} s, max |err| {float((s32.double() - s64).abs().max()):.2e}",
               flush=True)
     else:   # the checked states come from scorefield's own trajectory
-        s32, t32 = sample(fast, noise, args.steps, states)
+        s32, t32 = sample(fast, noise, args.steps, states, step_seconds)
         print(f"scorefield float32: {t32:.1f} s", flush=True)
     peak_after_sampling = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     check = slice(0, args.check_samples)
@@ -142,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     records = engine_steps(fast, len(states))
     for i, (x, ab) in enumerate(states):
         row = {"step": i, "alpha_bar": float(ab[0]), "P": fast.patch_size_at(float(ab[0])),
+               "scorefield s": step_seconds[i] if i < len(step_seconds) else "",
+               "cross term": records[i].get("cross_term", ""),
                "pairs evaluated (fraction)": records[i]["fraction"],
                "neglected mass bound": records[i]["neglected_bound"]}
         if i in chosen:

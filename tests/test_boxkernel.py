@@ -90,7 +90,11 @@ def test_engine_box_path_matches_float64_engine_and_reports_it():
         assert (got.double() - exact(x.double(), 0.8, BOX_MIN_PATCH)).abs().max() < 1e-5
     auto = PatchPosterior(images)
     auto(x, 0.8, 3)
-    assert auto.last_stats["cross_term"] == "gemm"                      # small P: deduplicated GEMM path
+    assert auto.unique_fraction(3) == 1.0 and auto.last_stats["cross_term"] == "box"   # no duplicates to merge
+    sparse = sparse_images(7, 1, 10, 10, gen)
+    auto = PatchPosterior(sparse)
+    auto(x, 0.8, 3)
+    assert auto.unique_fraction(3) < 0.5 and auto.last_stats["cross_term"] == "gemm"   # deduplicated GEMM path
     gemm = PatchPosterior(images, cross_term="gemm")
     gemm(x, 0.8, 9)
     assert gemm.last_stats["cross_term"] == "gemm"

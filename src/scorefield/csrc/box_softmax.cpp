@@ -57,6 +57,8 @@ inline v8f exp8_fast(v8f x) {
   return p;
 }
 
+constexpr float kLn2 = 0.693147180559945f;
+
 inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 // i mod n for i in [−n, 2n), without a division (the hot loops' indices all lie there)
 inline int64_t wrap1(int64_t i, int64_t n) { return i < 0 ? i + n : (i >= n ? i - n : i); }
@@ -87,8 +89,8 @@ void reversed_key(const float* key, const Geometry& g, float* kr) {
   const int64_t jw = g.W - 1 + g.Wp;
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t r = 0; r < g.H; ++r)
-      for (int64_t j = 0; j < jw; ++j)
-        kr[(c * g.H + r) * jw + j] = key[(c * g.H + r) * g.W + wrap(g.W - 1 - j, g.W)];
+      for (int64_t j = 0, x = g.W - 1; j < jw; ++j, x = x == 0 ? g.W - 1 : x - 1)  // x = (W − 1 − j) mod W
+        kr[(c * g.H + r) * jw + j] = key[(c * g.H + r) * g.W + x];
 }
 
 // The key bias in the reversed layout of reversed_key: kb[r][j] = logw for the key patch centred at
@@ -107,14 +109,13 @@ void key_bias(const float* key, const Geometry& g, float logw, float const_value
   for (int64_t y = 0; y < g.H; ++y)
     for (int64_t x = 0; x < g.W; ++x) {
       int32_t count = 0;
-      for (int64_t o = -h; o <= h; ++o) count += odd[y * g.W + wrap(x + o, g.W)];
+      for (int64_t o = -h; o <= h; ++o) count += odd[y * g.W + wrap1(x + o, g.W)];
       across[y * g.W + x] = count;
     }
   for (int64_t r = 0; r < g.H; ++r)
-    for (int64_t j = 0; j < jw; ++j) {
-      const int64_t x = wrap(g.W - 1 - j, g.W);
+    for (int64_t j = 0, x = g.W - 1; j < jw; ++j, x = x == 0 ? g.W - 1 : x - 1) {  // x = (W − 1 − j) mod W
       int32_t count = 0;
-      for (int64_t o = -h; o <= h; ++o) count += across[wrap(r + o, g.H) * g.W + x];
+      for (int64_t o = -h; o <= h; ++o) count += across[wrap1(r + o, g.H) * g.W + x];
       kb[r * jw + j] = count == 0 ? -INFINITY : logw;
     }
 }
@@ -154,8 +155,8 @@ struct Fold {
 };
 
 // Fold the logits lg (lane max vmax) of query pixel qs (column x; key row r) against the W keys of one
-// (key image n, dy): skipped when all lie below the pixel's skip floor, else exp'd (vector by vector, a vector
-// all below the floor skipped too) and summed with their C centre values. Returns the pairs folded.
+// (key image n, dy): skipped when all lie below the pixel's skip floor, else all exp'd and summed with their C
+// centre values. Returns the pairs folded.
 template <int64_t G, int64_t C>
 inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const float* __restrict kr, int64_t r,
                           int64_t x, float threshold, v8f last_lane_one, int64_t n, int64_t qs, Fold& f) {
@@ -180,15 +181,12 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
       if (lg[i / 8][i % 8] == gmax) { dx = i; break; }
     f.best[qs] = (n * g.H + r) * g.W + wrap1(x - dx, g.W);
   }
-  const v8f mq = splat(f.m[qs]), floor = splat(f.floor[qs]);
+  const v8f mq = splat(f.m[qs]);
   const int64_t jw = g.W - 1 + g.Wp;
   const float* __restrict krow = kr + r * jw + (g.W - 1 - x);
   v8f wsum = load8(ls), vs[C];
   for (int64_t c = 0; c < C; ++c) vs[c] = load8(as + 8 * c);
-  int64_t folded = 0;
-  for (int64_t v = 0; v < G; ++v) {
-    if (!any_lane(lg[v] >= floor)) continue;
-    folded += v == G - 1 ? g.W - 8 * (G - 1) : 8;
+  for (int64_t v = 0; v < G; ++v) {  // the whole group: a branch per vector mispredicts more than it saves
     v8f w = exp8_fast(lg[v] - mq);
     if (v == G - 1) w *= last_lane_one;
     wsum += w;
@@ -196,7 +194,7 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
   }
   store8(ls, wsum);
   for (int64_t c = 0; c < C; ++c) store8(as + 8 * c, vs[c]);
-  return folded;
+  return g.W;
 }
 
 // Add the lane-wise sums of one sample's pixels (relative to their running max) into its double state, and
@@ -206,8 +204,8 @@ void flush_sums(const Geometry& g, float threshold, Fold& f) {
   for (int64_t qs = 0; qs < hw; ++qs) {
     f.l[qs] += hsum(load8(f.lsum + qs * 8));
     store8(f.lsum + qs * 8, splat(0.f));
-    if (f.l[qs] > 0.0)
-      f.floor[qs] = std::max(f.floor[qs], static_cast<float>(f.m[qs] + std::log(f.l[qs]) - threshold));
+    if (f.l[qs] >= 1.0)  // ln l ≥ ln 2 · (binary exponent of l): a valid floor without a log per pixel
+      f.floor[qs] = std::max(f.floor[qs], f.m[qs] + kLn2 * std::ilogb(f.l[qs]) - threshold);
     for (int64_t c = 0; c < g.C; ++c) {
       float* as = f.asum + (qs * g.C + c) * 8;
       f.acc[qs * g.C + c] += hsum(load8(as));

@@ -87,7 +87,8 @@ from .posterior import (
 __all__ = [
     "ASSIGN_CHUNK_KEYS", "DEFAULT_MEMORY_BUDGET", "DEFAULT_TOPK", "FLAT_LOGIT_SPREAD", "FULL_PASS_FRACTION",
     "FULL_PASS_KEYS", "GROUPINGS", "MAX_QUERY_BLOCK", "MIN_NOISE_VARIANCE", "PADDINGS", "PIECE_KEYS",
-    "PROGRESS_PAIRS", "PRUNE_MIN_KEYS", "BOX_MIN_PATCH", "BOX_MAX_LOGIT_ERROR", "CROSS_TERMS", "REST_FLOOR",
+    "PROGRESS_PAIRS", "PRUNE_MIN_KEYS", "BOX_MIN_PATCH", "BOX_MAX_LOGIT_ERROR", "BOX_SAMPLE_IMAGES",
+    "BOX_UNIQUE_FRACTION", "CROSS_TERMS", "REST_FLOOR",
     "SMALL_FOLD_PAIRS",
     "Budget", "CachedBank", "ClusteredBank", "GroupBatch", "KeySource", "PatchConfigError", "PatchMemoryError",
     "PatchPosterior", "StreamedPatches", "WholeImages",
@@ -101,7 +102,9 @@ Tensor = torch.Tensor
 
 PRUNE_MIN_KEYS = 8192                    # prune='auto' clusters banks of at least this many keys
 CROSS_TERMS = ("auto", "box", "gemm")
-BOX_MIN_PATCH = 7                        # cross_term='auto' uses box sums from this patch size up
+BOX_MIN_PATCH = 7                        # cross_term='auto' uses box sums from this patch size up,
+BOX_UNIQUE_FRACTION = 0.8                # ... and below it when this fraction of sampled patches is distinct
+BOX_SAMPLE_IMAGES = 256                  # training images sampled for that fraction
 BOX_MAX_LOGIT_ERROR = 1e-3               # ... when the fixed-point grid's bound on a logit's error stays below
 FLAT_LOGIT_SPREAD = 1e-9                 # below this logit spread the posterior is the bank's prior mean
 
@@ -129,7 +132,8 @@ class PatchPosterior:
     dot products above), 'box' (`boxkernel`: every distance as a sliding box sum, O(1) per pair whatever P;
     exp skipped for key groups below box_tolerance of a pixel's mass, with a certified bound) or 'auto' (box
     sums from BOX_MIN_PATCH up when the compiled kernel is available, the call needs no gradient and the
-    fixed-point grid's logit error bound stays below BOX_MAX_LOGIT_ERROR; float64 engines always use 'gemm').
+    fixed-point grid's logit error bound stays below BOX_MAX_LOGIT_ERROR; below BOX_MIN_PATCH only when at least
+    BOX_UNIQUE_FRACTION of a sample of the patches are distinct; float64 engines always use 'gemm').
     """
 
     def __init__(self, images: Tensor, *, grouping: str = "shared", padding: str = "circular",
@@ -174,6 +178,7 @@ class PatchPosterior:
         self._layouts: dict[int, list[GroupBatch]] = {}
         self._banks: dict[tuple[int, int], KeySource] = {}
         self._prior_means: dict[tuple[int, int], Tensor] = {}
+        self._unique_fractions: dict[int, float] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -327,8 +332,10 @@ class PatchPosterior:
                                        f"{boxkernel.MAX_WIDTH}; got P={patch_size}, images "
                                        f"{self.image_shape}, grouping {self.grouping!r}, padding {self.padding!r}")
             return True
-        if self.cross_term == "gemm" or not eligible or patch_size < BOX_MIN_PATCH or x.requires_grad:
+        if self.cross_term == "gemm" or not eligible or x.requires_grad:
             return False
+        if patch_size < BOX_MIN_PATCH and self.unique_fraction(patch_size) < BOX_UNIQUE_FRACTION:
+            return False    # many duplicate patches (MNIST's background): the deduplicated GEMM path folds fewer
         a, s2 = noise_coefficients(ab)
         hw = x.shape[2] * x.shape[3]
         q = extract_patches(x.detach().to(self.dtype), patch_size, self.padding).reshape(1, b * hw, -1)
@@ -338,6 +345,15 @@ class PatchPosterior:
         scale = boxkernel.fixed_scales(x, a, self.images, patch_size)
         grid_error = float((patch_size**2 / (2 * scale) / (2 * s2)).max())
         return grid_error <= BOX_MAX_LOGIT_ERROR and boxkernel.available()
+
+    def unique_fraction(self, patch_size: int) -> float:
+        """Fraction of distinct patches among all H·W circular patches of the first BOX_SAMPLE_IMAGES images
+        (cached per patch size): what deduplication would leave of the GEMM path's pairs."""
+        if patch_size not in self._unique_fractions:
+            sample = extract_patches(self.images[:BOX_SAMPLE_IMAGES], patch_size, self.padding)
+            keys = sample.reshape(-1, sample.shape[-1])
+            self._unique_fractions[patch_size] = unique_rows(keys)[0].shape[0] / keys.shape[0]
+        return self._unique_fractions[patch_size]
 
     def _denoise_box(self, x: Tensor, ab: Tensor, patch_size: int,
                      return_provenance: bool) -> Tensor | tuple[Tensor, Tensor]:
