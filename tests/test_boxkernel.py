@@ -166,3 +166,16 @@ def test_circular_box_sum_is_the_window_sum():
     got = boxkernel.circular_box_sum(t, 5)
     want = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(t, (2, 2, 2, 2), mode="circular"), 5, 1) * 25
     assert torch.allclose(got, want, atol=1e-12)
+
+
+@needs_kernel
+def test_a_pixel_does_not_move_with_pixels_outside_its_patch():
+    gen = torch.Generator().manual_seed(8)
+    images = torch.rand(6, 1, 12, 12, generator=gen) * 2 - 1
+    x = noisy(images, 1, 0.6, gen)
+    far = x.clone()
+    far[0, 0, 10, 10] += 1e-3                  # 6 pixels away (circularly) from (4, 4); P = 5 reaches 2
+    base = boxkernel.box_posterior(x, 0.6, images, 5).mean
+    moved = boxkernel.box_posterior(far, 0.6, images, 5).mean
+    assert base[0, 0, 4, 4] == moved[0, 0, 4, 4]
+    assert base[0, 0, 10, 10] != moved[0, 0, 10, 10]

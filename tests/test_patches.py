@@ -203,7 +203,7 @@ def test_engine_calls_the_public_accumulate(monkeypatch):
 
     monkeypatch.setattr(kernels, "accumulate", spy)
     images, x = _data()
-    P.PatchPosterior(images)(x, 0.5, 3)
+    P.PatchPosterior(images, cross_term="gemm")(x, 0.5, 3)
     assert calls
 
 

@@ -85,12 +85,15 @@ def threshold_for(keys_per_query: int, tolerance: float = DEFAULT_TOLERANCE) -> 
 
 
 def fixed_scales(x: Tensor, a: Tensor, images: Tensor, patch_size: int) -> Tensor:
-    """Per sample, the scale of the fixed-point squares: P²·C·(max|x_b| + a_b·max|K|)²·scale = 2^30."""
-    c = x.shape[1]
-    x_max = x.detach().abs().flatten(1).max(1).values.to(torch.float64)
+    """Per sample, the scale of the fixed-point squares: no window sum of (x − a·K)² exceeds
+    max_u Σ_window Σ_c (|x_c| + a·max|K|)², which is mapped to at most 2^30 (int32 with headroom). The scale is
+    rounded down to a power of two, so that a pixel's output does not move with pixels outside its patch
+    (unless a change crosses a power of two): the machine stays local to the rounding, as finite differences
+    of receptive fields need."""
     k_max = float(images.abs().max())
-    p_max = c * (x_max + a.to(torch.float64) * k_max) ** 2
-    return FIXED_POINT_RANGE / (patch_size**2 * p_max.clamp_min(1e-12))
+    bound = (x.detach().to(torch.float64).abs() + a.to(torch.float64)[:, None, None, None] * k_max) ** 2
+    window_max = circular_box_sum(bound.sum(1, keepdim=True), patch_size).flatten(1).max(1).values
+    return torch.exp2(torch.floor(torch.log2(FIXED_POINT_RANGE / window_max.clamp_min(1e-12))))
 
 
 def _load() -> bool:

@@ -105,7 +105,7 @@ CROSS_TERMS = ("auto", "box", "gemm")
 BOX_MIN_PATCH = 7                        # cross_term='auto' uses box sums from this patch size up,
 BOX_UNIQUE_FRACTION = 0.8                # ... and below it when this fraction of sampled patches is distinct
 BOX_SAMPLE_IMAGES = 256                  # training images sampled for that fraction
-BOX_MAX_LOGIT_ERROR = 1e-3               # ... when the fixed-point grid's bound on a logit's error stays below
+BOX_MAX_LOGIT_ERROR = 2e-4               # ... when the fixed-point grid's bound on a logit's error stays below
 FLAT_LOGIT_SPREAD = 1e-9                 # below this logit spread the posterior is the bank's prior mean
 
 
