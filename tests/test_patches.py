@@ -219,6 +219,15 @@ def test_flat_logits_give_the_prior_mean_without_folding():
     assert engine.last_stats["pairs_evaluated"] > 0
 
 
+def test_prior_mean_shortcut_equals_the_folded_bank_with_weights():
+    images, _ = _data(n=5, c=2, h=6, w=7)
+    logw = torch.randn(5, dtype=torch.float64)
+    shortcut = P.PatchPosterior(images, log_weights=logw, dtype=torch.float64)._prior_mean(5, 0)
+    folded = P.PatchPosterior(images, log_weights=logw, dtype=torch.float64, grouping="location",
+                              padding="circular")._prior_mean(5, 0).mean(0)   # per location: same pixel means
+    assert torch.allclose(shortcut[0], folded, atol=1e-12)
+
+
 def test_float32_norm_column_does_not_degrade_the_float64_bank():
     images, x = _data(n=3, c=3, h=5, w=5)
     cached = P.PatchPosterior(images, dtype=torch.float64, cache=True)(x.double(), 0.9, 3)

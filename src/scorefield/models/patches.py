@@ -255,6 +255,13 @@ class PatchPosterior:
     def _prior_mean(self, patch_size: int, batch_index: int) -> Tensor:
         """Σ_k w_k v_k / Σ_k w_k of a bank (float64 [G, V], cached): the posterior mean when logits are flat."""
         key = (patch_size, batch_index)
+        if key not in self._prior_means and self.grouping == "shared" and self.padding == "circular" \
+                and not self.valid_only:
+            # every pixel of every image is the centre of exactly one of its H·W circular patches: the prior
+            # mean is the log-weighted mean of the images' mean pixels, in O(N·H·W)
+            weights = torch.softmax(self.log_weights.to(torch.float64), 0)                      # [N]
+            pixel_means = self.images.to(torch.float64).mean(dim=(2, 3))                        # [N, C]
+            self._prior_means[key] = (weights @ pixel_means)[None].to(self.dtype)               # [1, C]
         if key not in self._prior_means:
             source = self.bank(patch_size, batch_index)
             source.set_chunk_keys(min(source.num_keys, ASSIGN_CHUNK_KEYS))
