@@ -7,7 +7,8 @@ tracking) and the pure-torch `accumulate_reference` loop over the same chunks, i
 fraction of the roofline, with the peak resident-memory growth during the call; and (d) the box-sum kernel
 (`boxkernel.box_posterior`, which the engine uses from P = 7 up: every distance a sliding box sum, O(1) per pair
 whatever D, exp skipped for key groups certified below 1e-6 of a pixel's mass) on the same images, in pairs of
-the raw bank per second; "engine" is the path the engine picks by default (cross_term='auto').
+the raw bank per second, timed on BOX_KEY_IMAGES training images (its threads split the work by image);
+"engine" is the path the engine picks by default (cross_term='auto') for these data.
 
 Work shapes: MNIST (60,000 training images 28×28) with P in 3, 7, 15, 27 and CIFAR-10 (50,000, 32×32×3) with
 P in 3, 11, every pixel a query and every circularly padded patch of every training image a key. Only a
@@ -33,11 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from scorefield.models import boxkernel, fastkernel, kernels
-from scorefield.models.patches import BOX_MIN_PATCH
+from scorefield.models.patches import PatchPosterior
 
 OUT = Path(__file__).resolve().parent / "out"
 TOPK = 8        # the engine tracks the top 8 keys of each query in float32
 ALPHA_BAR = 0.5  # mid noise: every key carries weight (no skipping of far-below-max keys)
+BOX_KEY_IMAGES = 32  # the box kernel splits its work by training image: time it on enough images for 2 threads
 
 WORKLOADS = [  # (name, train images, channels, size, patch sizes)
     ("MNIST", 60_000, 1, 28, (3, 7, 15, 27)),
@@ -115,12 +117,16 @@ def patches(images: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.
     return cols.transpose(1, 2).reshape(n * h * w, -1), images.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
 
+def smooth_images(n: int, channels: int, size: int, seed: int) -> torch.Tensor:
+    """Smooth random images in [-1, 1]: realistic patch statistics without a dataset download."""
+    raw = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+    return F.avg_pool2d(F.pad(raw, (1, 1, 1, 1), mode="circular"), 3, stride=1).tanh()
+
+
 def engine_inputs(channels: int, size: int, patch_size: int, n_query_images: int, n_key_images: int):
     """Queries and key chunk exactly as the engine passes them (augmented with the bias column)."""
     gen = torch.Generator().manual_seed(patch_size)
-    # smooth random images in [-1, 1]: realistic patch statistics without a dataset download
-    raw = torch.randn(n_query_images + n_key_images, channels, size, size, generator=gen)
-    smooth = F.avg_pool2d(F.pad(raw, (1, 1, 1, 1), mode="circular"), 3, stride=1).tanh()
+    smooth = smooth_images(n_query_images + n_key_images, channels, size, patch_size)
     a, s2 = ALPHA_BAR**0.5, 1 - ALPHA_BAR
     noisy = a * smooth[:n_query_images] + s2**0.5 * torch.randn(smooth[:n_query_images].shape, generator=gen)
     q, _ = patches(noisy, patch_size)                                   # [Q, D]
@@ -190,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             t_fast, m_fast = measure(kernels.accumulate, q, k, bias, v, chunk, reps)
             t_ref, m_ref = measure(kernels.accumulate_reference, q, k, bias, v, chunk, reps)
             roof = min(peak / (2 * dim), exps)
-            box = box_rate(noisy, key_images, p, reps)
+            box_keys = smooth_images(BOX_KEY_IMAGES if not args.quick else 2, channels, size, p + 1000)
+            box = box_rate(noisy, box_keys, p, reps)
+            engine_box = PatchPosterior(box_keys)._uses_box(noisy, torch.full((noisy.shape[0],), ALPHA_BAR,
+                                                                               dtype=torch.float64), p)
             full_pairs = n_train * size * size * 100 * size * size   # 100 samples × all pixels × whole bank
             row = {
                 "data": name, "P": p, "D": dim, "queries": q.shape[1], "keys timed": k.shape[1],
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                 "box Gpairs/s": box["rate"] / 1e9 if box else "n/a",
                 "box / roofline": box["rate"] / roof if box else "n/a",
                 "box pairs exp'd": box["folded"] if box else "n/a",
-                "engine / roofline": (box["rate"] if box and p >= BOX_MIN_PATCH else pairs / t_fast) / roof,
+                "engine path": "box" if engine_box else "gemm",
+                "engine / roofline": (box["rate"] if engine_box else pairs / t_fast) / roof,
                 "fast peak MiB": m_fast / 2**20, "reference peak MiB": m_ref / 2**20,
                 "box peak MiB": box["peak"] / 2**20 if box else "n/a",
                 "100 samples × 1 step, full data (fast), min": full_pairs / (pairs / t_fast) / 60,
