@@ -189,7 +189,7 @@ def constant_keys(images: Tensor, log_weights: Tensor, patch_size: int,
 
 def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patch_size: int, threshold: float,
          provenance: bool, chunk_images: int | None = None, progress: bool = False,
-         constant_value: float | None = None) -> BoxResult:
+         constant: ConstantKeys | None = None) -> BoxResult:
     b, c, h, w = x.shape
     n = images.shape[0]
     ab = alpha_bar.to(torch.float64)
@@ -206,7 +206,6 @@ def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patc
     acc = torch.zeros(b * h * w, c, dtype=torch.float64)
     best = torch.full((b * h * w,), -1, dtype=torch.int64)
     counts = torch.zeros(2, dtype=torch.int64)
-    constant = constant_keys(images, log_weights, patch_size, constant_value)
     if constant is not None:   # all constant key patches as one key of log-weight log Σ_n count_n·w_n
         m[:] = constant.logits(x, a, s2, patch_size).reshape(-1)
         l[:] = 1.0
@@ -242,13 +241,15 @@ def _key_coordinates(flat: Tensor, h: int, w: int) -> Tensor:
 def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_size: int, *,
                   log_weights: Tensor | None = None, tolerance: float = DEFAULT_TOLERANCE,
                   provenance: bool = False, chunk_images: int | None = None,
-                  progress: bool | None = None, constant_value: float | str | None = "auto") -> BoxResult:
+                  progress: bool | None = None, constant_value: float | str | None = "auto",
+                  constant: ConstantKeys | None = None) -> BoxResult:
     """The ELS posterior mean (circular padding) of noisy images x [B, C, H, W] at ᾱ [B] (or a scalar) over all
     H·W circular P×P patches of training images [N, C, H, W] with per-image log-weights [N], by the compiled
     box-sum kernel; the exp of key groups more than threshold_for(N·H·W, tolerance) below a pixel's running max
     is skipped (certified bound in the result). Key patches constant at constant_value ('auto': the most frequent
     pixel value; None: off) are merged into one key with their multiplicity (exact), so they are not folded one
-    by one. Raises RuntimeError when the library is not available."""
+    by one; `constant` passes them precomputed (`constant_keys`). Raises RuntimeError when the library is not
+    available."""
     if x.ndim != 4 or images.ndim != 4 or tuple(x.shape[1:]) != tuple(images.shape[1:]):
         raise ValueError(f"x {tuple(x.shape)} and images {tuple(images.shape)} must be [B|N, C, H, W] alike")
     if not covers(tuple(images.shape), patch_size):
@@ -263,9 +264,11 @@ def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_si
         else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
     threshold = threshold_for(n * h * w, tolerance)
     show = progress if progress is not None else b * n * (h * w) ** 2 > 4 * CHUNK_PAIRS
-    if constant_value == "auto":
-        constant_value = most_frequent_value(images)
-    return _run(x, ab, images, logw, patch_size, threshold, provenance, chunk_images, show, constant_value)
+    if constant is None:
+        if constant_value == "auto":
+            constant_value = most_frequent_value(images)
+        constant = constant_keys(images, logw, patch_size, constant_value)
+    return _run(x, ab, images, logw, patch_size, threshold, provenance, chunk_images, show, constant)
 
 
 def box_posterior_reference(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor,

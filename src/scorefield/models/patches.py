@@ -179,6 +179,8 @@ class PatchPosterior:
         self._banks: dict[tuple[int, int], KeySource] = {}
         self._prior_means: dict[tuple[int, int], Tensor] = {}
         self._unique_fractions: dict[int, float] = {}
+        self._constant_value: float | None = None
+        self._constant_keys: dict[int, boxkernel.ConstantKeys | None] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -369,9 +371,14 @@ class PatchPosterior:
         if need > self.memory_budget:
             raise PatchMemoryError(f"the box-sum kernel needs about {need / 2**20:.2f} MiB for {x.shape[0]} "
                                    f"samples, over the memory budget of {self.memory_budget / 2**20:.2f} MiB")
+        if patch_size not in self._constant_keys:     # the bank's constant patches, merged once per patch size
+            if self._constant_value is None:
+                self._constant_value = boxkernel.most_frequent_value(self.images)
+            self._constant_keys[patch_size] = boxkernel.constant_keys(
+                self.images, self.log_weights.to(torch.float64), patch_size, self._constant_value)
         result = boxkernel.box_posterior(x, ab, self.images, patch_size, log_weights=self.log_weights,
                                          tolerance=self.box_tolerance, provenance=return_provenance,
-                                         chunk_images=self.chunk_images)
+                                         chunk_images=self.chunk_images, constant=self._constant_keys[patch_size])
         pairs_total = x.shape[0] * h * w * n * h * w
         stats = {"patch_size": patch_size, "alpha_bar": ab.tolist(), "pairs_evaluated": result.folded,
                  "pairs_total": pairs_total, "neglected_bound": result.neglected_bound,
