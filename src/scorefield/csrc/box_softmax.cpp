@@ -34,29 +34,6 @@ namespace {
 
 using namespace sf_simd;
 
-// exp for x ≤ 0 (clamped at kLogitFloor): 2^t with t = x·log2(e) split into n + f, |f| ≤ 1/2, 2^f by a
-// degree-5 minimax polynomial (relative error 2.3e-7, below the fixed-point grid's logit error), 2^n added to the
-// exponent bits. 12 vector operations instead of the 17 of exp8: the weights are the hot loop here.
-inline v8f exp8_fast(v8f x) {
-  const v8f lo = splat(kLogitFloor);
-  x = x < lo ? lo : x;
-  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const v8f t = x * 1.44269504088896341f;
-  const v8f fn = (t + magic) - magic;
-  const v8f f = t - fn;
-  v8f p = splat(1.327636418864131e-3f);
-  p = p * f + 9.675540961325169e-3f;
-  p = p * f + 5.550713464617729e-2f;
-  p = p * f + 2.4022120237350464e-1f;
-  p = p * f + 6.931469440460205e-1f;
-  p = p * f + 1.0000001192092896f;
-  v8i bits;
-  std::memcpy(&bits, &p, sizeof bits);
-  bits += __builtin_convertvector(fn, v8i) << 23;
-  std::memcpy(&p, &bits, sizeof p);
-  return p;
-}
-
 constexpr float kLn2 = 0.693147180559945f;
 
 inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }

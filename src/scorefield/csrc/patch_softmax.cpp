@@ -159,7 +159,7 @@ void fold_weights(const float* s, const float* bias, const float* valsT, int64_t
     if constexpr (kTopk) topk->offer8(x, idx0 + j, thr);
     x -= vm;
     if (!any_lane(x > floor)) continue;  // every weight below e^-80 of the max: negligible
-    v8f w = exp8(x);
+    v8f w = exp8_fast(x);
     sl += w;
     for (int v = 0; v < V; ++v) sa[v] += w * load8(valsT + v * ldv + j);
   }
