@@ -177,5 +177,5 @@ def test_a_pixel_does_not_move_with_pixels_outside_its_patch():
     far[0, 0, 10, 10] += 1e-3                  # 6 pixels away (circularly) from (4, 4); P = 5 reaches 2
     base = boxkernel.box_posterior(x, 0.6, images, 5).mean
     moved = boxkernel.box_posterior(far, 0.6, images, 5).mean
-    assert base[0, 0, 4, 4] == moved[0, 0, 4, 4]
-    assert base[0, 0, 10, 10] != moved[0, 0, 10, 10]
+    assert abs(base[0, 0, 4, 4] - moved[0, 0, 4, 4]) < 1e-8   # threads may sum images in another order
+    assert abs(base[0, 0, 10, 10] - moved[0, 0, 10, 10]) > 1e-6
