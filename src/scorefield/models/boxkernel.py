@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
-import subprocess
 import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .fastkernel import build_library
+from .fastkernel import open_library, warn_failed_check
 
 Tensor = torch.Tensor
 
@@ -96,31 +93,27 @@ def fixed_scales(x: Tensor, a: Tensor, images: Tensor, patch_size: int) -> Tenso
     return torch.exp2(torch.floor(torch.log2(FIXED_POINT_RANGE / window_max.clamp_min(1e-12))))
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sf_box_posterior.restype = ctypes.c_int
+    lib.sf_box_posterior.argtypes = ([i64] * 6 + [ptr] * 6 + [ctypes.c_float] * 2 + [ptr] * 5
+                                     + [i64, ctypes.c_int])
+
+
 def _load() -> bool:
     global _library, _state
     with _lock:
         if _state != "unloaded":
             return _state == "ready"
         _state = "unavailable"
-        if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
+        _library = open_library(SOURCE, _declare, "box-sum kernel", "the GEMM path")
+        if _library is None:
             return False
-        try:
-            lib = ctypes.CDLL(str(build_library(SOURCE)))
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            lib.sf_box_posterior.restype = ctypes.c_int
-            lib.sf_box_posterior.argtypes = ([i64] * 6 + [ptr] * 6 + [ctypes.c_float] * 2 + [ptr] * 5
-                                             + [i64, ctypes.c_int])
-            _library = lib
-            _state = "ready"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            warnings.warn(f"scorefield: compiled box-sum kernel unavailable, using the GEMM path ({err})",
-                          RuntimeWarning, stacklevel=3)
-            return False
+        _state = "ready"
     if not _self_check():
         with _lock:
             _state = "unavailable"
-        warnings.warn("scorefield: compiled box-sum kernel failed its self-check, using the GEMM path",
-                      RuntimeWarning, stacklevel=3)
+        warn_failed_check("box-sum kernel", "the GEMM path")
         return False
     return True
 

@@ -115,28 +115,41 @@ def _declare(lib: ctypes.CDLL) -> None:
                                   + [ctypes.c_int, ptr])
 
 
+def open_library(source: Path, declare, what: str, fallback: str) -> ctypes.CDLL | None:
+    """Build (or reuse) and load a kernel of `scorefield/csrc`, declaring its C functions with `declare(lib)`;
+    None, with one warning naming `what` and the `fallback`, when that fails or SCOREFIELD_KERNEL=reference."""
+    if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
+        return None
+    try:
+        lib = ctypes.CDLL(str(build_library(source)))
+        declare(lib)
+        return lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"scorefield: compiled {what} unavailable, using {fallback} ({err})", RuntimeWarning,
+                      stacklevel=4)
+        return None
+
+
+def warn_failed_check(what: str, fallback: str) -> None:
+    warnings.warn(f"scorefield: compiled {what} failed its self-check, using {fallback}", RuntimeWarning,
+                  stacklevel=4)
+
+
 def _load() -> bool:
     global _library, _sgemm, _state
     with _lock:
         if _state != "unloaded":
             return _state == "ready"
         _state = "unavailable"
-        if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
+        lib = open_library(SOURCE, _declare, "patch kernel", "pure torch")
+        if lib is None:
             return False
-        try:
-            lib = ctypes.CDLL(str(build_library(SOURCE)))
-            _declare(lib)
-            _library, _sgemm = lib, _find_sgemm()
-            _state = "ready"
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            warnings.warn(f"scorefield: compiled patch kernel unavailable, using pure torch ({err})",
-                          RuntimeWarning, stacklevel=3)
-            return False
+        _library, _sgemm = lib, _find_sgemm()
+        _state = "ready"
     if not _self_check():
         with _lock:
             _state = "unavailable"
-        warnings.warn("scorefield: compiled patch kernel failed its self-check, using pure torch",
-                      RuntimeWarning, stacklevel=3)
+        warn_failed_check("patch kernel", "pure torch")
         return False
     return True
 
