@@ -18,7 +18,9 @@ def noisy(images: torch.Tensor, b: int, alpha_bar: float, gen: torch.Generator) 
 
 
 @needs_kernel
-@pytest.mark.parametrize("c,h,w,p", [(1, 8, 8, 3), (1, 9, 12, 5), (3, 10, 10, 7), (2, 7, 17, 5), (1, 16, 16, 15)])
+@pytest.mark.parametrize("c,h,w,p", [(1, 8, 8, 3), (1, 9, 12, 5), (3, 10, 10, 7), (2, 7, 17, 5), (1, 16, 16, 15),
+                                     # W ≡ 4 (mod 8), H even: lanes over two vertical shifts (no padding)
+                                     (1, 10, 12, 5), (3, 8, 20, 7), (2, 6, 4, 3), (1, 28, 28, 15)])
 @pytest.mark.parametrize("alpha_bar", [0.05, 0.6, 0.99, 0.9999])
 def test_matches_float64_reference(c, h, w, p, alpha_bar):
     gen = torch.Generator().manual_seed(hash((c, h, w, p, alpha_bar)) % 2**31)
@@ -34,9 +36,10 @@ def test_matches_float64_reference(c, h, w, p, alpha_bar):
 
 
 @needs_kernel
-def test_provenance_is_the_nearest_weighted_patch_and_chunks_do_not_matter():
+@pytest.mark.parametrize("h,w", [(9, 11), (10, 12)])   # padded lanes; lanes over two vertical shifts
+def test_provenance_is_the_nearest_weighted_patch_and_chunks_do_not_matter(h, w):
     gen = torch.Generator().manual_seed(3)
-    images = torch.rand(5, 1, 9, 11, generator=gen) * 2 - 1
+    images = torch.rand(5, 1, h, w, generator=gen) * 2 - 1
     x = noisy(images, 2, 0.999, gen)
     whole = boxkernel.box_posterior(x, 0.999, images, 5, provenance=True)
     chunked = boxkernel.box_posterior(x, 0.999, images, 5, provenance=True, chunk_images=2)
@@ -46,8 +49,8 @@ def test_provenance_is_the_nearest_weighted_patch_and_chunks_do_not_matter():
     keys = torch.nn.functional.unfold(torch.nn.functional.pad(images.double(), (pad,) * 4, mode="circular"), 5)
     queries = torch.nn.functional.unfold(torch.nn.functional.pad(x.double(), (pad,) * 4, mode="circular"), 5)
     dist = torch.cdist(queries.transpose(1, 2), math.sqrt(0.999) * keys.transpose(1, 2).reshape(1, -1, 25))
-    nearest = dist.argmin(-1).reshape(2, 9, 11)                                         # n·H·W + y·W + x
-    flat = (whole.best[..., 0] * 9 + whole.best[..., 1]) * 11 + whole.best[..., 2]
+    nearest = dist.argmin(-1).reshape(2, h, w)                                          # n·H·W + y·W + x
+    flat = (whole.best[..., 0] * h + whole.best[..., 1]) * w + whole.best[..., 2]
     assert torch.equal(flat, nearest)
 
 
@@ -135,9 +138,10 @@ def sparse_images(n: int, c: int, h: int, w: int, gen: torch.Generator) -> torch
 
 @needs_kernel
 @pytest.mark.parametrize("alpha_bar", [0.1, 0.9, 0.9999])
-def test_constant_patches_merge_into_one_key_exactly(alpha_bar):
+@pytest.mark.parametrize("w", [13, 12])   # padded lanes; lanes over two vertical shifts
+def test_constant_patches_merge_into_one_key_exactly(alpha_bar, w):
     gen = torch.Generator().manual_seed(int(alpha_bar * 1e4))
-    images = sparse_images(5, 2, 12, 13, gen)
+    images = sparse_images(5, 2, 12, w, gen)
     logw = torch.randn(5, generator=gen, dtype=torch.float64)
     x = noisy(images, 3, alpha_bar, gen)
     ab = torch.full((3,), alpha_bar, dtype=torch.float64)
@@ -149,7 +153,7 @@ def test_constant_patches_merge_into_one_key_exactly(alpha_bar):
         assert (got.mean - want).abs().max() < 1e-5
     assert merged.folded < plain.folded        # the constant patches are folded once per pixel, not one by one
     constant = boxkernel.constant_keys(images, logw, 5, -1.0)
-    n, y, x_ = constant.first // (12 * 13), constant.first // 13 % 12, constant.first % 13
+    n, y, x_ = constant.first // (12 * w), constant.first // w % 12, constant.first % w
     window = torch.nn.functional.pad(images[n:n + 1], (2, 2, 2, 2), mode="circular")[0, :, y:y + 5, x_:x_ + 5]
     assert (window == -1).all()
     if alpha_bar == 0.9999:   # ties broken differently, but both name the same nearest patch content
@@ -157,7 +161,7 @@ def test_constant_patches_merge_into_one_key_exactly(alpha_bar):
         keys = keys.transpose(1, 2)                                                  # [N, H·W, C·25]
 
         def content(best):
-            return keys[best[..., 0], best[..., 1] * 13 + best[..., 2]]
+            return keys[best[..., 0], best[..., 1] * w + best[..., 2]]
         assert torch.equal(content(merged.best), content(plain.best))
 
 

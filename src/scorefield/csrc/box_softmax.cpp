@@ -12,7 +12,9 @@
 // itself at any noise level.
 //
 // Lanes run over the horizontal displacement dx (W rounded up to a multiple of 8), so that the horizontal box
-// sum is a sum of whole vectors and the vertical one of whole rows. Each query pixel keeps a running max m,
+// sum is a sum of whole vectors and the vertical one of whole rows. When W ≡ 4 (mod 8) and H is even (MNIST's
+// 28×28) the lanes instead run over two vertical shifts at once, (dy, dx) and (dy + 1, dx): 2W lanes, a whole
+// number of vectors, so no lane is padding (one vector straddles the two key rows and is loaded as a blend). Each query pixel keeps a running max m,
 // weight sum l and weighted centre-pixel sum acc (the streaming log-sum-exp of scorefield.models.kernels);
 // the logits of one query pixel against the W displacements dx of one (key image, dy) are a "group": when all
 // of a group lie below m − threshold its exp is skipped (each such key weighs less than e^−threshold of the
@@ -57,17 +59,23 @@ struct State {
 };
 
 struct Geometry {
-  int64_t C, H, W, P, Wp, G;  // G = Wp / 8 vectors per group
+  int64_t C, H, W, P, Wp, G;  // Wp = W rounded up to 8; G vectors (8G lanes) per group: Wp / 8, or 2W / 8 paired
+  int64_t L;                  // lanes per group, 8G
 };
 
-// KR[c][r][j] = K[c][r][(W − 1 − j) mod W] for j < W − 1 + Wp: the 8-lane load at j0 = W − 1 − x gives
-// K[c][r][x − dx] for dx = lane (mod W).
+constexpr int64_t kMargin = 4;  // reversed rows start this many floats in: the paired layout's straddling load
+
+// Row r of a reversed array (reversed_key / key_bias layout): rows of kMargin + jw floats, indexed from −kMargin.
+inline int64_t row_start(int64_t r, int64_t jw) { return kMargin + r * (kMargin + jw); }
+
+// KR[c][r][j] = K[c][r][(W − 1 − j) mod W] for −kMargin ≤ j < W − 1 + Wp: the 8-lane load at j0 = W − 1 − x
+// gives K[c][r][x − dx] for dx = lane (mod W).
 void reversed_key(const float* key, const Geometry& g, float* kr) {
   const int64_t jw = g.W - 1 + g.Wp;
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t r = 0; r < g.H; ++r)
-      for (int64_t j = 0, x = g.W - 1; j < jw; ++j, x = x == 0 ? g.W - 1 : x - 1)  // x = (W − 1 − j) mod W
-        kr[(c * g.H + r) * jw + j] = key[(c * g.H + r) * g.W + x];
+      for (int64_t j = -kMargin; j < jw; ++j)
+        kr[row_start(c * g.H + r, jw) + j] = key[(c * g.H + r) * g.W + wrap(g.W - 1 - j, g.W)];
 }
 
 // The key bias in the reversed layout of reversed_key: kb[r][j] = logw for the key patch centred at
@@ -90,10 +98,11 @@ void key_bias(const float* key, const Geometry& g, float logw, float const_value
       across[y * g.W + x] = count;
     }
   for (int64_t r = 0; r < g.H; ++r)
-    for (int64_t j = 0, x = g.W - 1; j < jw; ++j, x = x == 0 ? g.W - 1 : x - 1) {  // x = (W − 1 − j) mod W
+    for (int64_t j = -kMargin; j < jw; ++j) {
+      const int64_t x = wrap(g.W - 1 - j, g.W);
       int32_t count = 0;
       for (int64_t o = -h; o <= h; ++o) count += across[wrap1(r + o, g.H) * g.W + x];
-      kb[r * jw + j] = count == 0 ? -INFINITY : logw;
+      kb[row_start(r, jw) + j] = count == 0 ? -INFINITY : logw;
     }
 }
 
@@ -104,7 +113,8 @@ struct Scratch {
   std::vector<int64_t> xin, xout, yin, yout;  // circular slide tables: entering / leaving index of window at i
   std::vector<int64_t> offs_x, offs_y;         // the P offsets −h..h, wrapped
   explicit Scratch(const Geometry& g)
-      : kr(g.C * g.H * (g.W - 1 + g.Wp)), kb(g.H * (g.W - 1 + g.Wp)), work(2 * g.H * g.W), prow(g.W * g.Wp), rows(g.H * g.W * g.Wp), vrun(g.W * g.Wp),
+      : kr(g.C * g.H * (kMargin + g.W - 1 + g.Wp)), kb(g.H * (kMargin + g.W - 1 + g.Wp)), work(2 * g.H * g.W),
+        prow(g.W * g.L), rows(g.H * g.W * g.L), vrun(g.W * g.L),
         xin(g.W), xout(g.W), yin(g.H), yout(g.H), offs_x(g.P), offs_y(g.P) {
     const int64_t h = g.P / 2;
     for (int64_t x = 0; x < g.W; ++x) { xin[x] = wrap(x + h, g.W); xout[x] = wrap(x - h - 1, g.W); }
@@ -116,6 +126,28 @@ struct Scratch {
 
 inline v8i load8i(const int32_t* p) { v8i v; std::memcpy(&v, p, sizeof v); return v; }
 inline void store8i(int32_t* p, v8i v) { std::memcpy(p, &v, sizeof v); }
+
+// Vector v of a group's lanes from reversed rows (reversed_key / key_bias layout), for the query column with
+// offset off = W − 1 − x: padded layout, all lanes from row `first` (lane = dx); paired layout (PAIR, W = 4G),
+// lanes < W from row `first` (key row r, lane = dx) and lanes ≥ W from row `second` (key row r − 1, lane − W = dx).
+template <int64_t G, bool PAIR>
+inline v8f group_load(const float* __restrict first, const float* __restrict second, int64_t off, int64_t v) {
+  if constexpr (!PAIR) {
+    return load8(first + off + 8 * v);
+  } else {
+    constexpr int64_t W = 4 * G, straddle = G / 2;  // vector `straddle` holds lanes W − 4 .. W + 3
+    if (v < straddle) return load8(first + off + 8 * v);
+    if (v > straddle) return load8(second + off + 8 * v - W);
+    const v8i high = {0, 0, 0, 0, -1, -1, -1, -1};
+    return high ? load8(second + off - 4) : load8(first + off + 8 * v);
+  }
+}
+
+// The key (row, dx) of lane i of a group: (r, i), or in the paired layout (r − 1, i − W) for i ≥ W.
+template <bool PAIR>
+inline void lane_key(int64_t i, int64_t r, int64_t r2, int64_t W, int64_t& row, int64_t& dx) {
+  if (PAIR && i >= W) { row = r2; dx = i - W; } else { row = r; dx = i; }
+}
 
 // The running state of one sample's pixels while one key image is folded: m (running max), l, acc and best
 // point into the thread's State; lsum [q][lane] and asum [q][c][lane] are lane-wise sums relative to m,
@@ -131,12 +163,14 @@ struct Fold {
   int64_t folded = 0, skipped = 0;
 };
 
-// Fold the logits lg (lane max vmax) of query pixel qs (column x; key row r) against the W keys of one
-// (key image n, dy): skipped when all lie below the pixel's skip floor, else all exp'd and summed with their C
-// centre values. Returns the pairs folded.
-template <int64_t G, int64_t C>
+// Fold the logits lg (lane max vmax) of query pixel qs (column x; key row r, and r2 = r − 1 in the paired
+// layout) against the keys of one group (key image n; the W shifts dx of one dy, or of dy and dy + 1 when
+// paired): skipped when all lie below the pixel's skip floor, else all exp'd and summed with their C centre
+// values. Returns the pairs folded.
+template <int64_t G, int64_t C, bool PAIR>
 inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const float* __restrict kr, int64_t r,
-                          int64_t x, float threshold, v8f last_lane_one, int64_t n, int64_t qs, Fold& f) {
+                          int64_t r2, int64_t x, float threshold, v8f last_lane_one, int64_t n, int64_t qs,
+                          Fold& f) {
   if (!any_lane(vmax >= f.floor[qs])) return 0;
   const float mq0 = f.m[qs];
   float* __restrict ls = f.lsum + qs * 8;
@@ -153,25 +187,26 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
     }
     f.m[qs] = gmax;
     f.floor[qs] = std::max(f.floor[qs], gmax - threshold);  // the new max key alone has mass e^gmax
-    int64_t dx = 0;
+    int64_t lane = 0, row = r, dx = 0;
     for (int64_t i = 0; i < 8 * G; ++i)
-      if (lg[i / 8][i % 8] == gmax) { dx = i; break; }
-    f.best[qs] = (n * g.H + r) * g.W + wrap1(x - dx, g.W);
+      if (lg[i / 8][i % 8] == gmax) { lane = i; break; }
+    lane_key<PAIR>(lane, r, r2, g.W, row, dx);
+    f.best[qs] = (n * g.H + row) * g.W + wrap1(x - dx, g.W);
   }
-  const v8f mq = splat(f.m[qs]);
-  const int64_t jw = g.W - 1 + g.Wp;
-  const float* __restrict krow = kr + r * jw + (g.W - 1 - x);
+  const v8f mq2 = splat(f.m[qs] * kLog2e);  // e^(lg − m) = 2^(lg·log2 e − m·log2 e): one fma per vector
+  const int64_t jw = g.W - 1 + g.Wp, off = g.W - 1 - x;
   v8f wsum = load8(ls), vs[C];
   for (int64_t c = 0; c < C; ++c) vs[c] = load8(as + 8 * c);
   for (int64_t v = 0; v < G; ++v) {  // the whole group: a branch per vector mispredicts more than it saves
-    v8f w = exp8_fast(lg[v] - mq);
-    if (v == G - 1) w *= last_lane_one;
+    v8f w = exp2_8_fast(lg[v] * kLog2e - mq2);
+    if (!PAIR && v == G - 1) w *= last_lane_one;
     wsum += w;
-    for (int64_t c = 0; c < C; ++c) vs[c] += w * load8(krow + c * g.H * jw + 8 * v);
+    for (int64_t c = 0; c < C; ++c)
+      vs[c] += w * group_load<G, PAIR>(kr + row_start(c * g.H + r, jw), kr + row_start(c * g.H + r2, jw), off, v);
   }
   store8(ls, wsum);
   for (int64_t c = 0; c < C; ++c) store8(as + 8 * c, vs[c]);
-  return g.W;
+  return PAIR ? g.L : g.W;
 }
 
 // Add the lane-wise sums of one sample's pixels (relative to their running max) into its double state, and
@@ -191,12 +226,13 @@ void flush_sums(const Geometry& g, float threshold, Fold& f) {
   }
 }
 
-// Horizontal window sums of p_δ for row y (key row r): p = round(Σ_c (σq_c − σa K_c)²) in fixed point (σ² the
-// sample's scale), so the sliding sums are exact integer arithmetic: R[y][x] = Σ_{|o|≤h} p[x + o].
-template <int64_t G, int64_t C>
+// Horizontal window sums of p_δ for row y (key row r; r2 = r − 1 for the paired layout's upper lanes):
+// p = round(Σ_c (σq_c − σa K_c)²) in fixed point (σ² the sample's scale), so the sliding sums are exact integer
+// arithmetic: R[y][x] = Σ_{|o|≤h} p[x + o].
+template <int64_t G, int64_t C, bool PAIR>
 inline void horizontal_row(const float* __restrict query, float sigma, float sigma_a, const Geometry& g,
-                           Scratch& s, int64_t y, int64_t r) {
-  const int64_t jw = g.W - 1 + g.Wp, Wp = g.Wp;
+                           Scratch& s, int64_t y, int64_t r, int64_t r2) {
+  const int64_t jw = g.W - 1 + g.Wp, Wp = g.L;
   int32_t* __restrict prow = s.prow.data();
   const float* __restrict kr = s.kr.data();
   for (int64_t x = 0; x < g.W; ++x) {
@@ -204,9 +240,10 @@ inline void horizontal_row(const float* __restrict query, float sigma, float sig
     for (int64_t v = 0; v < G; ++v) acc[v] = splat(0.5f);  // + 0.5, then truncation: round to nearest
     for (int64_t c = 0; c < C; ++c) {
       const float qv = sigma * query[(c * g.H + y) * g.W + x];
-      const float* __restrict krow = kr + (c * g.H + r) * jw + (g.W - 1 - x);
+      const float* __restrict first = kr + row_start(c * g.H + r, jw);
+      const float* __restrict second = kr + row_start(c * g.H + r2, jw);
       for (int64_t v = 0; v < G; ++v) {
-        const v8f diff = qv - sigma_a * load8(krow + 8 * v);
+        const v8f diff = qv - sigma_a * group_load<G, PAIR>(first, second, g.W - 1 - x, v);
         acc[v] += diff * diff;
       }
     }
@@ -230,14 +267,18 @@ inline void horizontal_row(const float* __restrict query, float sigma, float sig
   }
 }
 
-// One (sample, key image, dy): the distances of all H·W query pixels to the W key patches of this row shift,
-// as vertical sliding sums of the horizontal ones (exact in fixed point), folded row by row as they are made.
-template <int64_t G, int64_t C>
+// One (sample, key image, dy): the distances of all H·W query pixels to the W key patches of this row shift
+// (and of dy + 1 in the paired layout), as vertical sliding sums of the horizontal ones (exact in fixed point),
+// folded row by row as they are made.
+template <int64_t G, int64_t C, bool PAIR>
 void fold_shift(const float* query, float sigma, float sigma_a, float coef, float threshold,
                 const Geometry& g, Scratch& s, v8f last_lane_one, v8f last_lane_bias, int64_t n, int64_t dy,
                 Fold& f) {
-  for (int64_t y = 0; y < g.H; ++y) horizontal_row<G, C>(query, sigma, sigma_a, g, s, y, wrap1(y - dy, g.H));
-  const int64_t row = g.W * g.Wp, Wp = g.Wp;
+  for (int64_t y = 0; y < g.H; ++y) {
+    const int64_t r = wrap1(y - dy, g.H);
+    horizontal_row<G, C, PAIR>(query, sigma, sigma_a, g, s, y, r, r == 0 ? g.H - 1 : r - 1);
+  }
+  const int64_t row = g.W * g.L, Wp = g.L;
   const v8f scale = splat(-coef);
   const int64_t jw = g.W - 1 + g.Wp;
   int32_t* __restrict run = s.vrun.data();  // the vertical window sums of the current row, all columns
@@ -252,9 +293,10 @@ void fold_shift(const float* query, float sigma, float sigma_a, float coef, floa
   for (int64_t y = 0; y < g.H; ++y) {
     const int32_t* __restrict in = rows + s.yin[y] * row;
     const int32_t* __restrict old = rows + s.yout[y] * row;
-    const int64_t r = wrap1(y - dy, g.H);
+    const int64_t r = wrap1(y - dy, g.H), r2 = r == 0 ? g.H - 1 : r - 1;
+    const float* __restrict kb_first = s.kb.data() + row_start(r, jw);
+    const float* __restrict kb_second = s.kb.data() + row_start(r2, jw);
     for (int64_t x = 0; x < g.W; ++x) {
-      const float* __restrict kb = s.kb.data() + r * jw + (g.W - 1 - x);
       v8f lg[G];
       v8f vmax = splat(-INFINITY);
       for (int64_t v = 0; v < G; ++v) {
@@ -264,15 +306,15 @@ void fold_shift(const float* query, float sigma, float sigma_a, float coef, floa
           d += load8i(in + i) - load8i(old + i);
           store8i(run + i, d);
         }
-        lg[v] = __builtin_convertvector(d, v8f) * scale + load8(kb + 8 * v);
-        if (v == G - 1) lg[v] += last_lane_bias;
+        lg[v] = __builtin_convertvector(d, v8f) * scale + group_load<G, PAIR>(kb_first, kb_second, g.W - 1 - x, v);
+        if (!PAIR && v == G - 1) lg[v] += last_lane_bias;
         vmax = lg[v] > vmax ? lg[v] : vmax;
       }
-      folded += fold_group<G, C>(lg, vmax, g, kr, r, x, threshold, last_lane_one, n, y * g.W + x, f);
+      folded += fold_group<G, C, PAIR>(lg, vmax, g, kr, r, r2, x, threshold, last_lane_one, n, y * g.W + x, f);
     }
   }
   f.folded += folded;
-  f.skipped += g.H * g.W * g.W - folded;
+  f.skipped += g.H * g.W * (PAIR ? g.L : g.W) - folded;
 }
 
 void merge(const State& st, int64_t nq, int64_t C, double* m, double* l, double* acc, int64_t* best) {
@@ -312,7 +354,8 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
   if (B < 1 || N < 1 || C < 1 || C > 4 || H < 1 || W < 1 || P < 1 || P % 2 == 0 || P > H || P > W) return 1;
   const int64_t Wp = (W + 7) / 8 * 8;
   if (Wp / 8 > 8) return 1;
-  const Geometry g{C, H, W, P, Wp, Wp / 8};
+  const bool paired = W % 8 == 4 && H % 2 == 0 && W <= 28;  // 2W lanes = W / 4 vectors (odd), ≤ 7
+  const Geometry g{C, H, W, P, Wp, paired ? W / 4 : Wp / 8, paired ? 2 * W : Wp};
   v8f lane_one = splat(1.f), lane_bias = splat(0.f);  // of the last vector of a group: lanes dx ≥ W are padding
   for (int i = 0; i < 8; ++i)
     if (Wp - 8 + i >= W) {
@@ -340,16 +383,19 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
                asum.data()};
         const float* qb = queries + b * image;
         const float sigma = std::sqrt(fixed_scale[b]), coef = inv2s2[b] / fixed_scale[b];
-        for (int64_t dy = 0; dy < H; ++dy) {
-          switch (g.G * 8 + C) {
-#define SF_FOLD_CASE(n_vec, n_ch)                                                                        \
-  case n_vec * 8 + n_ch:                                                                                 \
-    fold_shift<n_vec, n_ch>(qb, sigma, sigma * a[b], coef, threshold, g, s, lane_one,                   \
-                            lane_bias, n + image_offset, dy, f);                                         \
+        const int64_t dy_step = paired ? 2 : 1;
+        for (int64_t dy = 0; dy < H; dy += dy_step) {
+          switch (g.G * 16 + C * 2 + (paired ? 1 : 0)) {
+#define SF_FOLD_CASE(n_vec, n_ch, pair)                                                                  \
+  case n_vec * 16 + n_ch * 2 + (pair ? 1 : 0):                                                           \
+    fold_shift<n_vec, n_ch, pair>(qb, sigma, sigma * a[b], coef, threshold, g, s, lane_one,              \
+                                  lane_bias, n + image_offset, dy, f);                                   \
     break;
-#define SF_FOLD_CASES(n_vec) SF_FOLD_CASE(n_vec, 1) SF_FOLD_CASE(n_vec, 2) SF_FOLD_CASE(n_vec, 3) SF_FOLD_CASE(n_vec, 4)
-            SF_FOLD_CASES(1) SF_FOLD_CASES(2) SF_FOLD_CASES(3) SF_FOLD_CASES(4)
-            SF_FOLD_CASES(5) SF_FOLD_CASES(6) SF_FOLD_CASES(7) SF_FOLD_CASES(8)
+#define SF_FOLD_CASES(n_vec, pair) \
+  SF_FOLD_CASE(n_vec, 1, pair) SF_FOLD_CASE(n_vec, 2, pair) SF_FOLD_CASE(n_vec, 3, pair) SF_FOLD_CASE(n_vec, 4, pair)
+            SF_FOLD_CASES(1, false) SF_FOLD_CASES(2, false) SF_FOLD_CASES(3, false) SF_FOLD_CASES(4, false)
+            SF_FOLD_CASES(5, false) SF_FOLD_CASES(6, false) SF_FOLD_CASES(7, false) SF_FOLD_CASES(8, false)
+            SF_FOLD_CASES(1, true) SF_FOLD_CASES(3, true) SF_FOLD_CASES(5, true) SF_FOLD_CASES(7, true)
 #undef SF_FOLD_CASES
 #undef SF_FOLD_CASE
           }
