@@ -67,10 +67,12 @@ def memory_estimate(batch: int, images_shape: tuple[int, ...], threads: int | No
     """Bytes a call needs beyond its inputs: the double state of every query pixel, and per thread the
     kernel's scratch (row buffers, lane-wise sums) and its own copy of the state."""
     _, c, h, w = images_shape
-    lanes = (w + 7) // 8 * 8
+    padded = (w + 7) // 8 * 8
+    lanes = 2 * w if w % 8 == 4 and h % 2 == 0 and w <= 28 else padded  # two vertical shifts per group
     queries = batch * h * w
     state = queries * (8 * (3 + c) + 4 * 2)                              # m, l, acc, best; floor and m (float)
-    scratch = 4 * (c * h * (w - 1 + lanes) + h * w * lanes + 2 * w * lanes + h * w * 8 * (1 + c))
+    scratch = 4 * ((c + 1) * h * (w + 3 + padded) + 2 * h * w + h * w * lanes + 2 * w * lanes
+                   + h * w * 8 * (1 + c))
     return state + (threads or torch.get_num_threads()) * (state + scratch)
 
 
