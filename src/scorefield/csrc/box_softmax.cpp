@@ -74,8 +74,8 @@ void reversed_key(const float* key, const Geometry& g, float* kr) {
   const int64_t jw = g.W - 1 + g.Wp;
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t r = 0; r < g.H; ++r)
-      for (int64_t j = -kMargin; j < jw; ++j)
-        kr[row_start(c * g.H + r, jw) + j] = key[(c * g.H + r) * g.W + wrap(g.W - 1 - j, g.W)];
+      for (int64_t j = -kMargin, x = wrap(g.W - 1 + kMargin, g.W); j < jw; ++j, x = x == 0 ? g.W - 1 : x - 1)
+        kr[row_start(c * g.H + r, jw) + j] = key[(c * g.H + r) * g.W + x];  // x = (W − 1 − j) mod W
 }
 
 // The key bias in the reversed layout of reversed_key: kb[r][j] = logw for the key patch centred at
@@ -98,9 +98,8 @@ void key_bias(const float* key, const Geometry& g, float logw, float const_value
       across[y * g.W + x] = count;
     }
   for (int64_t r = 0; r < g.H; ++r)
-    for (int64_t j = -kMargin; j < jw; ++j) {
-      const int64_t x = wrap(g.W - 1 - j, g.W);
-      int32_t count = 0;
+    for (int64_t j = -kMargin, x = wrap(g.W - 1 + kMargin, g.W); j < jw; ++j, x = x == 0 ? g.W - 1 : x - 1) {
+      int32_t count = 0;  // x = (W − 1 − j) mod W
       for (int64_t o = -h; o <= h; ++o) count += across[wrap1(r + o, g.H) * g.W + x];
       kb[row_start(r, jw) + j] = count == 0 ? -INFINITY : logw;
     }
@@ -197,12 +196,15 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
   const int64_t jw = g.W - 1 + g.Wp, off = g.W - 1 - x;
   v8f wsum = load8(ls), vs[C];
   for (int64_t c = 0; c < C; ++c) vs[c] = load8(as + 8 * c);
+  const float* __restrict first = kr + row_start(r, jw);  // channel c: + c · channel_stride
+  const float* __restrict second = kr + row_start(r2, jw);
+  const int64_t channel_stride = g.H * (kMargin + jw);
   for (int64_t v = 0; v < G; ++v) {  // the whole group: a branch per vector mispredicts more than it saves
     v8f w = exp2_8_fast(lg[v] * kLog2e - mq2);
     if (!PAIR && v == G - 1) w *= last_lane_one;
     wsum += w;
     for (int64_t c = 0; c < C; ++c)
-      vs[c] += w * group_load<G, PAIR>(kr + row_start(c * g.H + r, jw), kr + row_start(c * g.H + r2, jw), off, v);
+      vs[c] += w * group_load<G, PAIR>(first + c * channel_stride, second + c * channel_stride, off, v);
   }
   store8(ls, wsum);
   for (int64_t c = 0; c < C; ++c) store8(as + 8 * c, vs[c]);
