@@ -36,16 +36,20 @@ namespace {
 
 using namespace sf_simd;
 
-constexpr float kLn2 = 0.693147180559945f;
 
 inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 // i mod n for i in [−n, 2n), without a division (the hot loops' indices all lie there)
 inline int64_t wrap1(int64_t i, int64_t n) { return i < 0 ? i + n : (i >= n ? i - n : i); }
 
-// Per query pixel of every sample: the running max m, weight sum l and weighted sum acc (relative to e^m) of
-// the keys this thread folded, the arg-max key, and the skip floor: a key whose logit lies below it weighs
-// less than tol/K of the pixel's total mass (K keys per pixel), because floor ≤ ln(mass known so far) − T with
-// T = ln(K/tol) (the known mass: this thread's, or the state passed in by the caller, both below the total).
+// Inside the kernel logits are in log2 units (ℓ·log2 e, so that a weight is 2^(ℓ₂ − m₂) with an exact
+// subtraction near the max); the caller's state and threshold are in natural units.
+constexpr double kLog2eD = 1.4426950408889634;
+
+// Per query pixel of every sample: the running max m (log2 units), weight sum l and weighted sum acc (relative
+// to 2^m) of the keys this thread folded, the arg-max key, and the skip floor: a key whose logit lies below it
+// weighs less than tol/K of the pixel's total mass (K keys per pixel), because floor ≤ log2(mass known so far)
+// − T·log2 e with T = ln(K/tol) (the known mass: this thread's, or the state passed in by the caller, both below
+// the total).
 struct State {
   std::vector<float> m, floor;
   std::vector<double> l, acc;
@@ -54,7 +58,7 @@ struct State {
   State(int64_t nq, int64_t C, const double* m0, const double* l0, float threshold)
       : m(nq, -INFINITY), floor(nq), l(nq, 0.0), acc(nq * C, 0.0), best(nq, -1) {
     for (int64_t q = 0; q < nq; ++q)
-      floor[q] = l0[q] > 0.0 ? static_cast<float>(m0[q] + std::log(l0[q]) - threshold) : -INFINITY;
+      floor[q] = l0[q] > 0.0 ? static_cast<float>((m0[q] + std::log(l0[q]) - threshold) * kLog2eD) : -INFINITY;
   }
 };
 
@@ -176,7 +180,7 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
   float* __restrict as = f.asum + qs * C * 8;
   if (any_lane(vmax > mq0)) {  // a new running max: rescale this pixel's sums, remember the arg-max key
     const float gmax = hmax(vmax);
-    const double scale = std::exp(static_cast<double>(mq0) - gmax);  // 0 for an empty state
+    const double scale = std::exp2(static_cast<double>(mq0) - gmax);  // 0 for an empty state
     f.l[qs] *= scale;
     const v8f fs = splat(static_cast<float>(scale));
     store8(ls, load8(ls) * fs);
@@ -185,14 +189,14 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
       store8(as + 8 * c, load8(as + 8 * c) * fs);
     }
     f.m[qs] = gmax;
-    f.floor[qs] = std::max(f.floor[qs], gmax - threshold);  // the new max key alone has mass e^gmax
+    f.floor[qs] = std::max(f.floor[qs], gmax - threshold);  // the new max key alone has mass 2^gmax
     int64_t lane = 0, row = r, dx = 0;
     for (int64_t i = 0; i < 8 * G; ++i)
       if (lg[i / 8][i % 8] == gmax) { lane = i; break; }
     lane_key<PAIR>(lane, r, r2, g.W, row, dx);
     f.best[qs] = (n * g.H + row) * g.W + wrap1(x - dx, g.W);
   }
-  const v8f mq2 = splat(f.m[qs] * kLog2e);  // e^(lg − m) = 2^(lg·log2 e − m·log2 e): one fma per vector
+  const v8f mq = splat(f.m[qs]);
   const int64_t jw = g.W - 1 + g.Wp, off = g.W - 1 - x;
   v8f wsum = load8(ls), vs[C];
   for (int64_t c = 0; c < C; ++c) vs[c] = load8(as + 8 * c);
@@ -200,7 +204,7 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
   const float* __restrict second = kr + row_start(r2, jw);
   const int64_t channel_stride = g.H * (kMargin + jw);
   for (int64_t v = 0; v < G; ++v) {  // the whole group: a branch per vector mispredicts more than it saves
-    v8f w = exp2_8_fast(lg[v] * kLog2e - mq2);
+    v8f w = exp2_8_fast(lg[v] - mq);
     if (!PAIR && v == G - 1) w *= last_lane_one;
     wsum += w;
     for (int64_t c = 0; c < C; ++c)
@@ -212,14 +216,14 @@ inline int64_t fold_group(const v8f* lg, v8f vmax, const Geometry& g, const floa
 }
 
 // Add the lane-wise sums of one sample's pixels (relative to their running max) into its double state, and
-// raise each pixel's skip floor to ln(its mass so far) − threshold.
+// raise each pixel's skip floor to log2(its mass so far) − threshold (log2 units).
 void flush_sums(const Geometry& g, float threshold, Fold& f) {
   const int64_t hw = g.H * g.W;
   for (int64_t qs = 0; qs < hw; ++qs) {
     f.l[qs] += hsum(load8(f.lsum + qs * 8));
     store8(f.lsum + qs * 8, splat(0.f));
-    if (f.l[qs] >= 1.0)  // ln l ≥ ln 2 · (binary exponent of l): a valid floor without a log per pixel
-      f.floor[qs] = std::max(f.floor[qs], f.m[qs] + kLn2 * std::ilogb(f.l[qs]) - threshold);
+    if (f.l[qs] >= 1.0)  // log2 l ≥ the binary exponent of l: a valid floor without a log per pixel
+      f.floor[qs] = std::max(f.floor[qs], f.m[qs] + std::ilogb(f.l[qs]) - threshold);
     for (int64_t c = 0; c < g.C; ++c) {
       float* as = f.asum + (qs * g.C + c) * 8;
       f.acc[qs * g.C + c] += hsum(load8(as));
@@ -322,7 +326,7 @@ void fold_shift(const float* query, float sigma, float sigma_a, float coef, floa
 void merge(const State& st, int64_t nq, int64_t C, double* m, double* l, double* acc, int64_t* best) {
   for (int64_t q = 0; q < nq; ++q) {
     if (!(st.l[q] > 0.0)) continue;
-    const double mt = st.m[q];
+    const double mt = st.m[q] / kLog2eD;  // back to natural units
     if (mt > m[q]) {
       const double scale = std::exp(m[q] - mt);  // 0 when m is -inf
       l[q] *= scale;
@@ -371,6 +375,7 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
 #endif
   {
     State st(nq, C, m, l, threshold);
+    const float threshold2 = threshold * kLog2e;  // in log2 units, as the logits
     Scratch s(g);
     std::vector<float> lsum(H * W * 8, 0.f), asum(H * W * C * 8, 0.f);
 #ifdef _OPENMP
@@ -378,19 +383,19 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
 #endif
     for (int64_t n = 0; n < N; ++n) {
       reversed_key(keys + n * image, g, s.kr.data());
-      key_bias(keys + n * image, g, key_logw[n], const_value, s.work.data(), s.kb.data());
+      key_bias(keys + n * image, g, key_logw[n] * kLog2e, const_value, s.work.data(), s.kb.data());
       for (int64_t b = 0; b < B; ++b) {
         const int64_t q0 = b * H * W;
         Fold f{st.m.data() + q0, st.floor.data() + q0, st.l.data() + q0, st.acc.data() + q0 * C, st.best.data() + q0, lsum.data(),
                asum.data()};
         const float* qb = queries + b * image;
-        const float sigma = std::sqrt(fixed_scale[b]), coef = inv2s2[b] / fixed_scale[b];
+        const float sigma = std::sqrt(fixed_scale[b]), coef = inv2s2[b] / fixed_scale[b] * kLog2e;
         const int64_t dy_step = paired ? 2 : 1;
         for (int64_t dy = 0; dy < H; dy += dy_step) {
           switch (g.G * 16 + C * 2 + (paired ? 1 : 0)) {
 #define SF_FOLD_CASE(n_vec, n_ch, pair)                                                                  \
   case n_vec * 16 + n_ch * 2 + (pair ? 1 : 0):                                                           \
-    fold_shift<n_vec, n_ch, pair>(qb, sigma, sigma * a[b], coef, threshold, g, s, lane_one,              \
+    fold_shift<n_vec, n_ch, pair>(qb, sigma, sigma * a[b], coef, threshold2, g, s, lane_one,             \
                                   lane_bias, n + image_offset, dy, f);                                   \
     break;
 #define SF_FOLD_CASES(n_vec, pair) \
@@ -402,7 +407,7 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
 #undef SF_FOLD_CASE
           }
         }
-        flush_sums(g, threshold, f);
+        flush_sums(g, threshold2, f);
         st.folded += f.folded;
         st.skipped += f.skipped;
       }
