@@ -125,7 +125,7 @@ def test_float64_matches_reference_exactly():
 
 
 def test_fallback_when_compiled_path_is_off(monkeypatch):
-    monkeypatch.setattr(fastkernel, "_state", "unavailable")
+    monkeypatch.setattr(fastkernel._KERNEL, "_state", "unavailable")
     gen = torch.Generator().manual_seed(5)
     queries, keys, bias, values = _problem(gen, (), 10, 50, 9, 1)
     start = init_state((10,), 1)

@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .fastkernel import open_library, warn_failed_check
+from .fastkernel import CompiledKernel
 
 Tensor = torch.Tensor
 
@@ -39,9 +38,6 @@ FIXED_POINT_RANGE = 2.0**30     # a window sum of fixed-point squares stays belo
 DEFAULT_TOLERANCE = 1e-6        # neglected fraction of each query pixel's posterior mass
 CHUNK_PAIRS = 4e9               # (query pixel, key patch) pairs per library call: progress and interrupts
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_state = "unloaded"  # unloaded | ready | unavailable
 
 
 @dataclass
@@ -102,27 +98,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                                      + [i64, ctypes.c_int])
 
 
-def _load() -> bool:
-    global _library, _state
-    with _lock:
-        if _state != "unloaded":
-            return _state == "ready"
-        _state = "unavailable"
-        _library = open_library(SOURCE, _declare, "box-sum kernel", "the GEMM path")
-        if _library is None:
-            return False
-        _state = "ready"
-    if not _self_check():
-        with _lock:
-            _state = "unavailable"
-        warn_failed_check("box-sum kernel", "the GEMM path")
-        return False
-    return True
-
-
 def available() -> bool:
     """True when the compiled box-sum kernel is built, loaded and agrees with the float64 reference."""
-    return _load()
+    return _KERNEL.available()
 
 
 def _self_check() -> bool:
@@ -211,7 +189,7 @@ def _run(x: Tensor, alpha_bar: Tensor, images: Tensor, log_weights: Tensor, patc
     starts = range(0, n, per_call)
     for start in tqdm(starts, desc=f"box P={patch_size}", disable=not progress, leave=False):
         stop = min(n, start + per_call)
-        code = _library.sf_box_posterior(
+        code = _KERNEL.library.sf_box_posterior(
             b, stop - start, c, h, w, patch_size, queries.data_ptr(), keys[start].data_ptr(),
             logw[start].data_ptr(), a32.data_ptr(), inv2s2.data_ptr(), scale32.data_ptr(), float(threshold),
             float("nan") if constant is None else constant.value,
@@ -287,3 +265,6 @@ def box_posterior_reference(x: Tensor, alpha_bar: Tensor, images: Tensor, log_we
         weights = torch.softmax(logw - dist / (2 * s2), dim=1)
         out.append((weights @ centre).T.reshape(c, h, w))
     return torch.stack(out)
+
+
+_KERNEL = CompiledKernel(SOURCE, _declare, "box-sum kernel", "the GEMM path", _self_check)

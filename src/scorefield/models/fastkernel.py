@@ -12,6 +12,7 @@ Set `SCOREFIELD_KERNEL=reference` to disable the compiled path.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -41,10 +42,6 @@ BLOCK_Q_DIRECT, BLOCK_Q, BLOCK_Q_LARGE_D, BLOCK_K = 48, 128, 256, 512
 LARGE_D = 64
 KEY_PANEL = 16  # keys per packed panel of the direct path (BLOCK_K is a multiple of it)
 
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_sgemm: int | None = None
-_state = "unloaded"  # unloaded | ready | unavailable
 
 
 def cache_dir() -> Path:
@@ -95,7 +92,8 @@ def build_library(source: Path) -> Path:
     return target
 
 
-def _find_sgemm() -> int | None:
+@functools.cache
+def _sgemm_address() -> int | None:
     """Address of the Fortran sgemm_ that torch's own BLAS exports, if any (used for large D)."""
     lib_dir = Path(torch.__file__).resolve().parent / "lib"
     for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
@@ -130,33 +128,42 @@ def open_library(source: Path, declare, what: str, fallback: str) -> ctypes.CDLL
         return None
 
 
-def warn_failed_check(what: str, fallback: str) -> None:
-    warnings.warn(f"scorefield: compiled {what} failed its self-check, using {fallback}", RuntimeWarning,
-                  stacklevel=4)
+class CompiledKernel:
+    """A kernel of `scorefield/csrc`, built, loaded and checked against its reference once, at first use.
 
+    `declare(lib)` declares its C functions; `self_check()` runs it (through `library`) against the reference
+    on a small input. `what` and `fallback` name it and the path used instead in the one warning given when
+    it cannot be built or fails the check."""
 
-def _load() -> bool:
-    global _library, _sgemm, _state
-    with _lock:
-        if _state != "unloaded":
-            return _state == "ready"
-        _state = "unavailable"
-        lib = open_library(SOURCE, _declare, "patch kernel", "pure torch")
-        if lib is None:
+    def __init__(self, source: Path, declare, what: str, fallback: str, self_check) -> None:
+        self.source, self._declare, self.what, self.fallback = source, declare, what, fallback
+        self._self_check = self_check
+        self._lock = threading.Lock()
+        self._state = "unloaded"   # unloaded | ready | unavailable
+        self.library: ctypes.CDLL | None = None
+
+    def available(self) -> bool:
+        """True when the kernel is built, loaded and agrees with its reference (loads it on the first call)."""
+        with self._lock:
+            if self._state != "unloaded":
+                return self._state == "ready"
+            self._state = "unavailable"
+            self.library = open_library(self.source, self._declare, self.what, self.fallback)
+            if self.library is None:
+                return False
+            self._state = "ready"
+        if not self._self_check():
+            with self._lock:
+                self._state = "unavailable"
+            warnings.warn(f"scorefield: compiled {self.what} failed its self-check, using {self.fallback}",
+                          RuntimeWarning, stacklevel=3)
             return False
-        _library, _sgemm = lib, _find_sgemm()
-        _state = "ready"
-    if not _self_check():
-        with _lock:
-            _state = "unavailable"
-        warn_failed_check("patch kernel", "pure torch")
-        return False
-    return True
+        return True
 
 
 def available() -> bool:
     """True when the compiled kernel is built, loaded and agrees with the reference."""
-    return _load()
+    return _KERNEL.available()
 
 
 def _self_check() -> bool:
@@ -207,7 +214,7 @@ def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: T
     tensors = [queries, keys, bias, values, state.m, state.l, state.acc]
     if isinstance(scale, Tensor):
         tensors.append(scale)
-    if _state != "ready" and not (_state == "unloaded" and _load()):
+    if not _KERNEL.available():
         return None
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in tensors):
         return None
@@ -232,7 +239,8 @@ def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: T
     v, _ = _group_view(values, lead, 2, groups)
     v_t = v.transpose(-1, -2).contiguous()                     # [G or 1, V, K]
     v_gs = v_t[0].numel() if v_t.shape[0] > 1 else 0
-    use_blas = _sgemm is not None and dim > DIRECT_MAX_DIM
+    sgemm = _sgemm_address()
+    use_blas = sgemm is not None and dim > DIRECT_MAX_DIM
     k_p = None if use_blas else _key_panels(k)                   # [G or 1, ceil(K / 16), D, 16]
     m = state.m.reshape(groups, n_q).clone()
     l = state.l.reshape(groups, n_q).clone()
@@ -243,12 +251,12 @@ def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: T
         tk_logit = state.topk_logit.reshape(groups, n_q, topk).to(torch.float32).clone()
         tk_index = state.topk_index.reshape(groups, n_q, topk).to(torch.int64).clone()
     ptr = _pointer
-    code = _library.sf_accumulate(
+    code = _KERNEL.library.sf_accumulate(
         groups, n_q, n_keys, dim, n_values,
         ptr(q), n_q * dim, ptr(k), k_gs, ptr(k_p), k_p[0].numel() if k_p is not None and k_gs else 0,
         ptr(b), b_gs, ptr(v_t), v_gs, ptr(scale_g), 1 if scale_g.numel() > 1 else 0,
         ptr(m), ptr(l), ptr(acc), topk, ptr(tk_logit), ptr(tk_index), int(key_offset),
-        _block_q(dim, use_blas), BLOCK_K, torch.get_num_threads(), _sgemm if use_blas else None)
+        _block_q(dim, use_blas), BLOCK_K, torch.get_num_threads(), sgemm if use_blas else None)
     if code != 0:
         return None
     out = type(state)(m.reshape(state.m.shape), l.reshape(state.l.shape), acc.reshape(state.acc.shape))
@@ -273,3 +281,6 @@ def _block_q(dim: int, use_blas: bool) -> int:
 
 def _pointer(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+_KERNEL = CompiledKernel(SOURCE, _declare, "patch kernel", "pure torch", _self_check)
