@@ -102,6 +102,19 @@ def guided(model: Denoise, guidance: Guidance | float | None) -> Denoise:
     return denoise
 
 
+def clipped(model: Denoise, clip_x0: bool) -> Denoise:
+    """Clip x̂₀ to the data range [−1, 1] (DDPM's clip_denoised). The posterior mean of data in [−1, 1] lies in
+    [−1, 1], so clipping never moves an estimate away from it; it matters for ε-prediction nets near ᾱ = 0,
+    where x̂₀ = (x − √(1−ᾱ)·ε̂)/√ᾱ multiplies every error of ε̂ by up to 1/√ᾱ (analytic machines are never
+    clipped in effect: their x̂₀ is a convex combination of data pixels)."""
+    if not clip_x0:
+        return model
+
+    def denoise(x: Tensor, alpha_bar: Tensor, labels: Tensor | None = None) -> Tensor:
+        return model(x, alpha_bar, labels).clamp(-1.0, 1.0)
+    return denoise
+
+
 # ---- samplers --------------------------------------------------------------------------------------------
 
 def _ab(schedule: Schedule, t: Tensor | float, batch: int, like: Tensor) -> Tensor:
@@ -266,7 +279,7 @@ def check_grid_resolvable(schedule: Schedule, ts: Tensor, dtype: torch.dtype) ->
 def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim", schedule: str | Schedule = "cosine",
            labels: Tensor | None = None, callback: Callback | None = None,
            guidance: Guidance | float | None = None, seeds: Sequence[int] | None = None,
-           grid: str | None = None, ts: Tensor | None = None, progress: bool = False,
+           grid: str | None = None, ts: Tensor | None = None, progress: bool = False, clip_x0: bool = False,
            **sampler_options: Any) -> Tensor:
     """Run `sampler` from `noise` [B, C, H, W] (the state at the first grid time) and return samples [B, C, H, W].
 
@@ -274,7 +287,8 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
     labels: [B] class labels for conditional models; callback(info) receives every intermediate state
     (keys step, t, alpha_bar, x, x0_hat); guidance: classifier-free guidance scale or `Guidance` window;
     seeds: one seed per sample for stochastic samplers (default 0..B-1); grid: 'uniform' | 'log' | 'karras';
-    ts: an explicit descending time grid (overrides steps/grid).
+    ts: an explicit descending time grid (overrides steps/grid); clip_x0: clip every x̂₀ to [−1, 1] before the
+    sampler uses it (see `clipped`).
     """
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler '{sampler}'; available: {', '.join(available_samplers())}")
@@ -294,7 +308,7 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
         raise SamplingError(f"{len(seeds)} seeds given for a batch of {B}")
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
-    denoise = guided(model, guidance)
+    denoise = clipped(guided(model, guidance), clip_x0)
     with torch.no_grad():
         return SAMPLERS[sampler](denoise, noise.clone(), grid_t, sched, labels=labels, callback=callback,
                                  generators=make_generators(seeds), progress=progress, **sampler_options)

@@ -1,1 +1,4 @@
 """Analyses of denoisers and trajectories."""
+from .compare import AgreementError, agreement, agreement_table, per_sample_rows
+
+__all__ = ["AgreementError", "agreement", "agreement_table", "per_sample_rows"]

@@ -1,4 +1,6 @@
 """Each result as a function that wires the library together and writes a run directory."""
+from .calibration import Calibration, calibrate
+from .prediction import PredictResult, predict
 from .sample_run import SampleConfig, run_sampling
 
-__all__ = ["SampleConfig", "run_sampling"]
+__all__ = ["Calibration", "PredictResult", "SampleConfig", "calibrate", "predict", "run_sampling"]

@@ -6,7 +6,8 @@ configurations of the patch-posterior engine in `patches.py`.
 
 Patch-size schedules (`patch_size`): an odd int; a callable ᾱ → P; a list of (alpha_bar_threshold, P) pairs,
 meaning "use P when ᾱ ≥ threshold", checked in the order given (put the highest threshold first; the last
-pair should have threshold 0); or a list of odd ints, one per sampler step listed from the lowest noise to the
+pair should have threshold 0); a `PatchSchedule` (sizes at given ᾱ, nearest ᾱ wins; what calibration builds)
+or its plain form {"sizes": [...], "alpha_bars": [...]}; or a list of odd ints, one per sampler step listed from the lowest noise to the
 highest (the calibrated lists of the released code), read on the grid t_i = i/n, i = 1…n of the cosine
 schedule (the times a DDIM sampler of n steps evaluates the denoiser at), the nearest grid ᾱ winning.
 """
@@ -41,7 +42,7 @@ from .patches import (
 from .registry import ModelConfigError, register_model
 
 Tensor = torch.Tensor
-PatchSize = int | Callable[[float], int] | Sequence[int] | Sequence[tuple[float, int]]
+PatchSize = int | Callable[[float], int] | Sequence[int] | Sequence[tuple[float, int]] | dict[str, list]
 
 
 # ---- patch-size schedules ----------------------------------------------------------------------------------
@@ -64,6 +65,10 @@ class PatchSchedule:
     def __repr__(self) -> str:
         return f"PatchSchedule(sizes={self.sizes})"
 
+    def to_config(self) -> dict[str, list]:
+        """Plain data that `patch_size_function` turns back into this schedule (saved in run configs)."""
+        return {"sizes": list(self.sizes), "alpha_bars": self.alpha_bars.tolist()}
+
 
 def calibrated_patch_schedule(sizes: Sequence[int], schedule: str = "cosine") -> PatchSchedule:
     """A per-step list of patch sizes, listed from the lowest noise to the highest, as a function of ᾱ.
@@ -83,6 +88,13 @@ def patch_size_function(patch_size: PatchSize, schedule: str = "cosine") -> Call
     if isinstance(patch_size, (int, float)) and not isinstance(patch_size, bool):
         size = check_patch_size(patch_size)
         return lambda _ab: size
+    if isinstance(patch_size, PatchSchedule):
+        return patch_size
+    if isinstance(patch_size, dict):
+        if set(patch_size) != {"sizes", "alpha_bars"}:
+            raise ModelConfigError(f"a patch schedule dict needs exactly the keys 'sizes' and 'alpha_bars', got "
+                                   f"{sorted(patch_size)}")
+        return PatchSchedule(patch_size["sizes"], patch_size["alpha_bars"])
     if callable(patch_size):
         return lambda ab: check_patch_size(patch_size(ab))
     items = list(patch_size)
@@ -111,6 +123,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def _jsonable_patch_size(patch_size: PatchSize) -> Any:
+    if isinstance(patch_size, PatchSchedule):
+        return patch_size.to_config()
     return repr(patch_size) if callable(patch_size) and not isinstance(patch_size, int) else patch_size
 
 

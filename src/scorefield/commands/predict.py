@@ -1,0 +1,61 @@
+"""`scorefield predict`: predict a network sample by sample with analytic theories (kamb-ganguli Tables 1–2).
+With no network given, this is the main job: the bundled MNIST ResNet against bbELS, LS and IS."""
+from __future__ import annotations
+
+import argparse
+
+from ._network import add_network_arguments, add_sampling_arguments, labels_of, load_network, parse_sizes
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="compare a network with analytic theories sample by sample (the main job)",
+        description="Sample the network and each theory from the same seeds; write the agreement table "
+                    "(median r² and Pearson r, fraction beating IS), per-sample numbers, a scatter and image "
+                    "grids. Without --schedule-from or --patch-sizes the machine is calibrated first.")
+    add_network_arguments(p)
+    g = p.add_argument_group("prediction")
+    g.add_argument("--theories", default=None, help="comma-separated theories (default is,ls,bbels or "
+                   "is,ls,els by the network's padding)")
+    g.add_argument("--seeds", type=int, default=16, help="samples, seeds 0..N-1 (default 16; the paper 100)")
+    g.add_argument("--schedule-from", default=None, metavar="CAL_RUN", help="a calibration run directory")
+    g.add_argument("--patch-sizes", default=None, help="a patch-size schedule, lowest noise first, e.g. the "
+                   "paper's 3,3,5,5,5,7,7,7,9,9,11,11,11,11,13,15,15,15,15,15")
+    g.add_argument("--cal-seeds", type=int, default=4, help="calibration seeds when calibrating (default 4)")
+    g.add_argument("--sizes", default="3:15", help="candidate sizes when calibrating (default 3:15)")
+    add_sampling_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..experiments.calibration import calibrate
+    from ..experiments.prediction import predict
+    from ..runs import RunDir, markdown_table
+
+    network, data, net_spec, data_spec = load_network(args)
+    theories = None if args.theories is None else [t.strip() for t in args.theories.split(",") if t.strip()]
+    schedule_from, cal_run = args.schedule_from, args.schedule_from
+    if args.patch_sizes is not None:
+        schedule_from = parse_sizes(args.patch_sizes)
+    elif schedule_from is None and args.resume is None:
+        cal = calibrate(network, data, patch_sizes=parse_sizes(args.sizes), seeds=range(args.cal_seeds),
+                        steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=None,
+                        clip_x0=not args.no_clip, out=args.out, name=None if args.name is None else
+                        f"{args.name}-calibration", progress=not args.no_progress, network_spec=net_spec,
+                        data_spec=data_spec)
+        schedule_from, cal_run = cal, str(cal.run_dir)
+        print(f"calibrated {cal.machine} (lowest noise first): {','.join(map(str, cal.patch_sizes))}  "
+              f"[{cal.run_dir}]")
+    elif args.resume is not None:
+        cal_run = RunDir.open(args.resume).config.get("calibration_run")
+        schedule_from = cal_run
+    res = predict(network, data, theories=theories, schedule_from=schedule_from, seeds=range(args.seeds),
+                  steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=labels_of(args),
+                  clip_x0=not args.no_clip, out=args.out, name=args.name, resume=args.resume,
+                  progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec, calibration_run=cal_run)
+    cols = [c for c in res.table[0] if c not in ("r2_q25", "r2_q75", "pearson_q25", "pearson_q75")]
+    print(markdown_table(res.table, cols, title="agreement with the network (r²: coefficient of determination)"))
+    net = res.samples["network"]
+    print(f"network samples range: [{float(net.min()):.3f}, {float(net.max()):.3f}]")
+    print(f"run directory: {res.run_dir}")
+    return 0

@@ -1,0 +1,241 @@
+"""Calibrate a local machine's patch size against a denoiser, step by step (kamb-ganguli App. C.2, Fig. 4 middle).
+
+The network (any denoiser) runs its own reverse trajectories from the calibration seeds. At every sampler step
+i, on the network's own state x_i at the query time t_i, the machine is evaluated at every candidate patch size
+P, and the noise it implies, ε̂_P = (x_i − √ᾱ·x̂₀_P)/√(1−ᾱ), is compared with the network's ε̂ by cosine
+similarity per sample. The best size of a sample is the arg-max; the scale of step i is the median of the
+per-sample best sizes (the lower median for an even count, so it is always a candidate).
+
+Index convention: the scale chosen at step i belongs to the noise level ᾱ(t_i) at which the network was queried
+at step i (not to the step's end point; the released code stores step i at index i−1 and reads it at i).
+`Calibration.patch_schedule()` maps exactly those ᾱ to their sizes; `Calibration.patch_sizes` lists them from
+the lowest noise to the highest, the order the paper and `sf.models.make(patch_size=[...])` use.
+
+A step where every candidate gives the same ε̂ for a sample (the flat first step from pure noise, where every
+machine returns its bank's prior mean) cannot identify a size: such samples have no best size, and a step where
+no sample has one takes the size of the nearest step that does (`undetermined` lists these steps).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import convert
+from ..data import ImageSet
+from ..models import Denoiser, ModelConfigError, make
+from ..models.machines import PatchSchedule
+from ..runs import RunDir, RunError
+from ..sampling import initial_noise, sample
+from .networks import describe_denoiser, denoiser_padding, resolve_labels
+
+PATCH_MACHINES = ("ls", "els", "bbels")
+TIE_TOLERANCE = 1e-7      # candidate cosines closer than this (for one sample) do not pick a size
+
+
+@dataclass
+class Calibration:
+    """A calibrated patch-size schedule. Arrays are indexed by sampler step i from pure noise (step 0) on."""
+
+    machine: str
+    padding: str
+    candidate_sizes: list[int]
+    times: list[float]                  # [S] query time t_i of step i
+    alpha_bars: list[float]             # [S] ᾱ(t_i)
+    chosen: list[int]                   # [S] the size of step i (median of per-sample best sizes)
+    cosine: np.ndarray                  # [S, K, N] cosine similarity of ε̂ (machine at size k vs network)
+    best: np.ndarray                    # [S, N] best size of each sample (0: undetermined)
+    undetermined: list[int] = field(default_factory=list)
+    machine_options: dict[str, Any] = field(default_factory=dict)
+    run_dir: Path | None = None
+
+    @property
+    def patch_sizes(self) -> list[int]:
+        """The calibrated sizes from the lowest noise to the highest (the paper's listing order)."""
+        return list(reversed(self.chosen))
+
+    def patch_schedule(self) -> PatchSchedule:
+        """P as a function of ᾱ: the size chosen at the query ᾱ nearest to the asked one."""
+        return PatchSchedule(self.chosen, self.alpha_bars)
+
+    def build(self, data: ImageSet, machine: str | None = None, **options: Any) -> Denoiser:
+        """The multi-scale machine (`machine`, default the calibrated one) with this schedule, on `data`."""
+        opts = {"padding": self.padding, **self.machine_options, **options}
+        return make(machine or self.machine, data, patch_size=self.patch_schedule(), **opts)
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per step: step, t, ᾱ, chosen P, and the quartiles of the per-sample best sizes."""
+        rows = []
+        for i in range(len(self.chosen)):
+            valid = self.best[i][self.best[i] > 0]
+            q = np.percentile(valid, [25, 75]) if valid.size else [np.nan, np.nan]
+            rows.append({"step": i, "t": self.times[i], "alpha_bar": self.alpha_bars[i],
+                         "patch_size": self.chosen[i], "best_q25": float(q[0]), "best_q75": float(q[1]),
+                         "samples_determined": int(valid.size), "mean_best_cosine": float(
+                             self.cosine[i].max(0).mean())})
+        return rows
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> Calibration:
+        """A calibration saved in a run directory (by `calibrate`)."""
+        run = RunDir.open(run_dir)
+        if not run.exists("calibration.npz"):
+            raise RunError(f"{run.path} holds no finished calibration (calibration.npz); resume it with "
+                           f"`scorefield calibrate --resume {run.path}`")
+        z = run.load_arrays("calibration")
+        cfg = run.config
+        return cls(machine=cfg["machine"], padding=cfg["padding"], candidate_sizes=[int(v) for v in z["sizes"]],
+                   times=z["times"].tolist(), alpha_bars=z["alpha_bars"].tolist(),
+                   chosen=[int(v) for v in z["chosen"]], cosine=z["cosine"], best=z["best"],
+                   undetermined=[int(v) for v in z["undetermined"]],
+                   machine_options=cfg.get("machine_options", {}), run_dir=run.path)
+
+
+def _check_sizes(patch_sizes: Sequence[int]) -> list[int]:
+    sizes = sorted({int(p) for p in patch_sizes})
+    if not sizes or any(p < 1 or p % 2 == 0 for p in sizes):
+        raise ModelConfigError(f"candidate patch sizes must be odd positive integers, got {list(patch_sizes)}")
+    return sizes
+
+
+def cosine_per_sample(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B, ...] × [B, ...] → [B] cosine similarity in float64."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+
+
+def choose_sizes(cosine: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, list[int], list[int]]:
+    """cosine [S, K, N] → (best [S, N] (0 where undetermined), chosen [S], undetermined steps)."""
+    sizes_arr = np.asarray(sizes)
+    spread = cosine.max(1) - cosine.min(1)                          # [S, N]
+    best = np.where(spread > TIE_TOLERANCE, sizes_arr[cosine.argmax(1)], 0)
+    chosen: list[int | None] = []
+    for row in best:
+        valid = np.sort(row[row > 0])
+        chosen.append(int(valid[(valid.size - 1) // 2]) if valid.size else None)   # lower median
+    undetermined = [i for i, c in enumerate(chosen) if c is None]
+    known = [i for i, c in enumerate(chosen) if c is not None]
+    if not known:
+        raise ModelConfigError("no step could tell the candidate patch sizes apart (every machine gave the "
+                               "same output); use more steps or a noisier-to-cleaner grid")
+    for i in undetermined:
+        nearest = min(known, key=lambda j: (abs(j - i), -j))
+        chosen[i] = chosen[nearest]
+    return best, [int(c) for c in chosen], undetermined
+
+
+def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
+              patch_sizes: Sequence[int] = range(3, 29, 2), seeds: Sequence[int] = range(32), steps: int = 20,
+              schedule: str = "cosine", sampler: str = "ddim", padding: str | None = None,
+              labels: Sequence[int] | None = None, clip_x0: bool = True,
+              machine_options: dict[str, Any] | None = None, out: str | Path = "runs", name: str | None = None,
+              resume: str | Path | None = None, progress: bool = True,
+              network_spec: dict[str, Any] | None = None, data_spec: dict[str, Any] | None = None) -> Calibration:
+    """Calibrate `machine` ('bbels' for zero padding, 'els' for circular by default; or 'ls') against
+    `network` on the bank `data`; writes a run directory and returns the `Calibration`.
+
+    seeds: calibration seeds (one trajectory each); steps/schedule/sampler: the network's sampler; clip_x0:
+    clip x̂₀ to [−1, 1] in the sampler (see `sf.sampling.clipped`); padding: the machine's (default the
+    network's); resume: an interrupted calibration run directory (finished steps are kept).
+    """
+    padding = padding or denoiser_padding(network)
+    machine = machine or ("els" if padding == "circular" else "bbels")
+    if machine not in PATCH_MACHINES:
+        raise ModelConfigError(f"calibration needs a patch machine ({', '.join(PATCH_MACHINES)}), got '{machine}'")
+    sizes = _check_sizes(patch_sizes)
+    seeds = [int(s) for s in seeds]
+    if not seeds or steps < 1:
+        raise ModelConfigError(f"need at least one seed and one step, got {len(seeds)} seeds, {steps} steps")
+    machine_options = dict(machine_options or {})
+    config = {"machine": machine, "padding": padding, "patch_sizes": sizes, "seeds": seeds, "steps": steps,
+              "schedule": schedule, "sampler": sampler, "clip_x0": bool(clip_x0), "machine_options": machine_options,
+              "labels": None if labels is None else [int(v) for v in labels],
+              "network": network_spec or describe_denoiser(network), "data": data_spec or {"name": data.name,
+                                                                                           "n": len(data)}}
+    run = _open_run(resume, config, out, name)
+    machines = {p: make(machine, data, patch_size=p, padding=padding, **machine_options) for p in sizes}
+    label_tensor = resolve_labels(network, labels, len(seeds), data)
+    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
+    record = _StepRecorder(run, machines, label_tensor, steps, progress)
+    tic = time.perf_counter()
+    sample(network, noise, steps=steps, sampler=sampler, schedule=schedule, labels=label_tensor, seeds=seeds,
+           callback=record, clip_x0=clip_x0)
+    record.close()
+    return _finish(run, config, record, time.perf_counter() - tic)
+
+
+def _open_run(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None) -> RunDir:
+    if resume is None:
+        return RunDir.create("calibrate", config, root=out, name=name)
+    run = RunDir.open(resume)
+    saved = {k: v for k, v in run.config.items() if k != "kind"}
+    differ = [k for k in config if k not in ("network", "data") and saved.get(k) != config[k]]
+    if differ:
+        raise RunError(f"cannot resume {run.path}: options differ from the saved run: " + ", ".join(
+            f"{k} {saved.get(k)!r} → {config[k]!r}" for k in differ))
+    return run
+
+
+class _StepRecorder:
+    """Sampler callback: at each step, every candidate machine on the network's state; one file per step, so
+    an interrupted calibration resumes without redoing finished steps."""
+
+    def __init__(self, run: RunDir, machines: dict[int, Denoiser], labels: torch.Tensor | None, steps: int,
+                 progress: bool) -> None:
+        self.run, self.machines, self.labels = run, machines, labels
+        self.times: list[float] = []
+        self.alpha_bars: list[float] = []
+        self.cosine: list[np.ndarray] = []
+        self.bar = tqdm(total=steps * len(machines), desc="calibrate", unit="size", disable=not progress,
+                        dynamic_ncols=True)
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if info["x0_hat"] is None:
+            return
+        step, x, x0_net = info["step"], info["x"], info["x0_hat"]
+        ab = torch.full((x.shape[0],), float(info["alpha_bar"]), dtype=x.dtype)
+        path = f"steps/step-{step:03d}.npz"
+        if self.run.exists(path):
+            cos = self.run.load_arrays(path)["cosine"]
+            self.bar.update(len(self.machines))
+        else:
+            eps_net = convert.eps_from_x0(x, x0_net, ab)
+            rows = []
+            for machine in self.machines.values():
+                eps = convert.eps_from_x0(x, machine(x, ab, self.labels), ab)
+                rows.append(cosine_per_sample(eps, eps_net).numpy())
+                self.bar.update(1)
+            cos = np.stack(rows)                                     # [K, N]
+            self.run.save_arrays(path, cosine=cos, t=info["t"], alpha_bar=info["alpha_bar"])
+        self.times.append(float(info["t"]))
+        self.alpha_bars.append(float(info["alpha_bar"]))
+        self.cosine.append(cos)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _finish(run: RunDir, config: dict[str, Any], record: _StepRecorder, seconds: float) -> Calibration:
+    sizes = config["patch_sizes"]
+    cosine = np.stack(record.cosine)                                 # [S, K, N]
+    best, chosen, undetermined = choose_sizes(cosine, sizes)
+    cal = Calibration(machine=config["machine"], padding=config["padding"], candidate_sizes=sizes,
+                      times=record.times, alpha_bars=record.alpha_bars, chosen=chosen, cosine=cosine, best=best,
+                      undetermined=undetermined, machine_options=config["machine_options"], run_dir=run.path)
+    run.save_arrays("calibration", replace=True, sizes=np.asarray(sizes), times=np.asarray(cal.times),
+                    alpha_bars=np.asarray(cal.alpha_bars), chosen=np.asarray(chosen), cosine=cosine, best=best,
+                    undetermined=np.asarray(undetermined, dtype=np.int64))
+    run.save_table("schedule", cal.table(), replace=True,
+                   title=f"Calibrated {cal.machine} patch size per sampler step (step 0 = pure noise)")
+    run.write_json("summary.json", {"patch_sizes_lowest_noise_first": cal.patch_sizes,
+                                    "undetermined_steps": undetermined, "seconds": seconds}, replace=True)
+    from ..analysis.calibration_figure import calibration_figure
+
+    run.save_figure("schedule", calibration_figure(cal), replace=True)
+    return cal

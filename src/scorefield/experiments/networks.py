@@ -1,0 +1,42 @@
+"""What calibration and prediction need to know about the denoiser they explain: its padding, labels, and a
+plain-data description for run configs. Works for trained nets and analytic machines alike."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..data import ImageSet
+from ..models import Denoiser, ModelConfigError
+
+
+def denoiser_padding(model: Denoiser) -> str:
+    """The boundary handling of `model` ('zeros' | 'circular'): its config's padding, else 'zeros'."""
+    padding = getattr(model, "config", {}).get("padding") or getattr(model, "padding", None) or "zeros"
+    if padding not in ("zeros", "circular"):
+        raise ModelConfigError(f"cannot tell the padding of {type(model).__name__} (got {padding!r}); pass "
+                               f"padding='zeros' or 'circular'")
+    return padding
+
+
+def describe_denoiser(model: Denoiser) -> dict[str, Any]:
+    """{"name", "config"} of a denoiser, for run configs."""
+    return {"name": str(getattr(model, "config", {}).get("name", getattr(model, "name", type(model).__name__))),
+            "config": dict(getattr(model, "config", {}))}
+
+
+def resolve_labels(model: Denoiser, labels: Sequence[int] | None, n: int, data: ImageSet) -> torch.Tensor | None:
+    """Labels [n] for a conditional model (given, or cycling over the data's classes); None otherwise."""
+    if labels is not None:
+        out = torch.as_tensor(list(labels), dtype=torch.int64).reshape(-1)
+        if out.numel() == 1:
+            out = out.expand(n).clone()
+        if out.numel() != n:
+            raise ModelConfigError(f"{out.numel()} labels given for {n} seeds")
+        return out
+    if getattr(model, "conditional", False):
+        if data.num_classes == 0:
+            raise ModelConfigError("the model is class-conditional but the data has no labels")
+        return torch.arange(n) % data.num_classes
+    return None
