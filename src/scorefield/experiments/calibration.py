@@ -33,7 +33,7 @@ from ..models import Denoiser, ModelConfigError, make
 from ..models.machines import PatchSchedule
 from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
-from .networks import describe_denoiser, denoiser_padding, resolve_labels
+from .networks import denoiser_padding, describe_denoiser, resolve_labels
 
 PATCH_MACHINES = ("ls", "els", "bbels")
 TIE_TOLERANCE = 1e-7      # candidate cosines closer than this (for one sample) do not pick a size

@@ -6,10 +6,11 @@ configurations of the patch-posterior engine in `patches.py`.
 
 Patch-size schedules (`patch_size`): an odd int; a callable ᾱ → P; a list of (alpha_bar_threshold, P) pairs,
 meaning "use P when ᾱ ≥ threshold", checked in the order given (put the highest threshold first; the last
-pair should have threshold 0); a `PatchSchedule` (sizes at given ᾱ, nearest ᾱ wins; what calibration builds)
-or its plain form {"sizes": [...], "alpha_bars": [...]}; or a list of odd ints, one per sampler step listed from the lowest noise to the
-highest (the calibrated lists of the released code), read on the grid t_i = i/n, i = 1…n of the cosine
-schedule (the times a DDIM sampler of n steps evaluates the denoiser at), the nearest grid ᾱ winning.
+pair should have threshold 0); a `PatchSchedule` (sizes at given ᾱ, nearest ᾱ wins; what calibration
+builds) or its plain form {"sizes": [...], "alpha_bars": [...]}; or a list of odd ints, one per sampler step
+listed from the lowest noise to the highest (the calibrated lists of the released code), read on the grid
+t_i = i/n, i = 1…n of the cosine schedule (the times a DDIM sampler of n steps evaluates the denoiser at),
+the nearest grid ᾱ winning.
 """
 from __future__ import annotations
 
