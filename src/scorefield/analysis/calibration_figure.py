@@ -19,7 +19,7 @@ def calibration_figure(cal: Any):
         b = cal.best[i][cal.best[i] > 0]
         ax.scatter(np.full(b.size, ti) + rng.uniform(-0.006, 0.006, b.size), b, s=6, alpha=0.3, color="tab:blue",
                    label="best P of one sample" if i == 0 else None)
-    ax.plot(t, cal.chosen, "-o", color="tab:red", ms=3, label="calibrated P (median)")
+    ax.plot(t, cal.chosen, "-o", color="tab:red", ms=3, drawstyle="steps-mid", label="calibrated P (median)")
     ax.set_xlabel("query time t (t = 1: pure noise)")
     ax.set_ylabel("patch size P (pixels)")
     ax.set_title(f"{cal.machine} patch size calibrated per step")
