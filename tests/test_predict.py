@@ -179,3 +179,24 @@ def test_cli_calibrate_and_predict_run_end_to_end(tmp_path, capsys):
                  "--theories", "is,bbels"]) == 0
     assert (tmp_path / "q-calibration" / "schedule.png").is_file() and (tmp_path / "q" / "grid-00.png").is_file()
     assert main(["predict", "--model", "ls", "--data", "digits", "--pretrained", "x"]) == 2
+
+
+# ---- the bundled network of the main job -------------------------------------------------------------------
+
+def test_the_bundled_network_denoises_and_samples_in_range_only_with_clipping(one_thread):
+    from scorefield import pretrained
+
+    net = pretrained.load()
+    assert net.config["name"] == "resnet" and net.config["padding"] == "zeros"
+    digits = sf.data.load("mnist", split="test", subset=32, seed=0).images
+    ab = torch.full((32,), 0.5)
+    x = ab.sqrt()[:, None, None, None] * digits + (1 - ab).sqrt()[:, None, None, None] * torch.randn_like(digits)
+    with torch.no_grad():
+        mse = float((net(x, ab) - digits).pow(2).mean())
+    assert mse < 0.08                                        # the mean image scores 0.26 (README)
+    noise = sf.sampling.initial_noise(4, (1, 28, 28), seed=0)
+    first = []
+    out = sf.sampling.sample(net, noise, steps=20, callback=lambda i: first.append(i["x0_hat"]))
+    assert float(first[0].abs().max()) > 2                   # ᾱ(t = 1) ≈ 0: ε̂'s error is multiplied by 1/√ᾱ
+    clipped = sf.sampling.sample(net, noise, steps=20, clip_x0=True)
+    assert clipped.abs().max() <= 1 + 1e-5 and out.abs().max() > clipped.abs().max()
