@@ -200,3 +200,15 @@ def test_the_bundled_network_denoises_and_samples_in_range_only_with_clipping(on
     assert float(first[0].abs().max()) > 2                   # ᾱ(t = 1) ≈ 0: ε̂'s error is multiplied by 1/√ᾱ
     clipped = sf.sampling.sample(net, noise, steps=20, clip_x0=True)
     assert clipped.abs().max() <= 1 + 1e-5 and out.abs().max() > clipped.abs().max()
+
+
+def test_bad_calibration_input_is_refused_before_a_run_directory_exists(digits, known_network, tmp_path):
+    with pytest.raises(sf.models.ModelConfigError, match="odd"):
+        sf.experiments.calibrate(known_network, digits, patch_sizes=[3, 4], seeds=range(2), steps=3, out=tmp_path)
+    with pytest.raises(sf.models.ModelConfigError, match="padding|bbels"):
+        sf.experiments.calibrate(known_network, digits, padding="circular", machine="bbels", patch_sizes=[3],
+                                 seeds=range(2), steps=3, out=tmp_path)
+    with pytest.raises(sf.models.ModelConfigError, match="labels"):
+        sf.experiments.calibrate(known_network, digits, patch_sizes=[3], seeds=range(2), labels=[1, 2, 3],
+                                 steps=3, out=tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -158,9 +158,10 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
               "labels": None if labels is None else [int(v) for v in labels],
               "network": network_spec or describe_denoiser(network), "data": data_spec or {"name": data.name,
                                                                                            "n": len(data)}}
-    run = _open_run(resume, config, out, name)
+    # build everything that can refuse the input before a run directory exists
     machines = {p: make(machine, data, patch_size=p, padding=padding, **machine_options) for p in sizes}
     label_tensor = resolve_labels(network, labels, len(seeds), data)
+    run = _open_run(resume, config, out, name)
     noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
     record = _StepRecorder(run, machines, label_tensor, steps, progress)
     tic = time.perf_counter()
