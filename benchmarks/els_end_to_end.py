@@ -73,7 +73,7 @@ def engine_steps(model, steps: int) -> list[dict]:
 def prune_sweep(data, out: Path, sizes=(3, 7, 15), alpha_bars=(0.05, 0.5, 0.9, 0.97, 0.99)) -> None:
     """Certified cluster pruning against the plain engine, one denoiser call per (P, ᾱ) on 4 noisy held-out
     images: pairs folded (fraction of the raw bank), bound on the neglected mass, max |difference|, seconds."""
-    from scorefield.models.patches import PatchPosterior
+    from scorefield.engine import PatchPosterior
 
     n = data.images.shape[0] - 4
     bank, clean = data.images[:n], data.images[n:]

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scorefield.models import boxkernel, fastkernel, kernels
-from scorefield.models.patches import PatchPosterior
+from scorefield.engine import PatchPosterior, fastkernel, kernels
+from scorefield.engine import box as boxkernel
 
 OUT = Path(__file__).resolve().parent / "out"
 TOPK = 8        # the engine tracks the top 8 keys of each query in float32

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import scorefield as sf
-from scorefield.models import boxkernel
-from scorefield.models.patches import BOX_MIN_PATCH, PatchConfigError, PatchPosterior
+from scorefield.engine import BOX_MIN_PATCH, PatchConfigError, PatchPosterior
+from scorefield.engine import box as boxkernel
 
 needs_kernel = pytest.mark.skipif(not boxkernel.available(), reason="no C++ compiler for the box-sum kernel")
 

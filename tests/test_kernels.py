@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from scorefield.models import fastkernel, kernels
-from scorefield.models.kernels import accumulate, accumulate_reference, finalize, init_state, merge
+from scorefield.engine import build, kernels
+from scorefield.engine import fused as fastkernel
+from scorefield.engine.kernels import accumulate, accumulate_reference, finalize, init_state, merge
 
 needs_compiler = pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler for the fast path")
@@ -164,7 +165,7 @@ def test_merge_is_associative_and_matches_one_pass():
 
 def test_loader_reports_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("SCOREFIELD_CACHE", str(tmp_path))
-    assert fastkernel.cache_dir() == tmp_path
+    assert build.cache_dir() == tmp_path
     assert kernels.LOGIT_FLOOR < -50
 
 

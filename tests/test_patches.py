@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scorefield.models import kernels
-from scorefield.models import patches as P
+import scorefield.engine as P
+from scorefield.engine import kernels
 
 
 def _padded(images, r, padding):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from scorefield.models import patches as P
-from scorefield.models import pruning
+import scorefield.engine as P
+from scorefield.engine import pruning
 
 
 def _bank_images(n=24, h=10, w=10, seed=0):

@@ -4,9 +4,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import convert, data, models, sampling, schedules
-
-__version__ = "0.1.0"
+from . import convert, data, engine, models, sampling, schedules
+from ._version import __version__
 
 _LAZY = ("training", "runs", "analysis", "experiments", "checkpoints")
 
@@ -17,4 +16,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'scorefield' has no attribute '{name}'")
 
 
-__all__ = ["convert", "data", "models", "sampling", "schedules", *_LAZY]
+__all__ = ["__version__", "convert", "data", "engine", "models", "sampling", "schedules", *_LAZY]

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from ._version import __version__
+
 
 class RunError(RuntimeError):
     """A run directory is missing, malformed, or a write would overwrite a result."""
@@ -61,7 +63,6 @@ def environment_info(seed: int | None = None, device: str | None = None) -> dict
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
     }
     try:
-        from . import __version__
         info["scorefield"] = __version__
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).parent)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints import load_denoiser
 from . import gaussian, machines, nets  # noqa: F401  (each registers its models)
 from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
 from .registry import MODELS, ModelConfigError, available_models, make, register_model
@@ -10,8 +11,6 @@ from .registry import MODELS, ModelConfigError, available_models, make, register
 
 def load(run_dir: str | Path) -> Denoiser:
     """The trained denoiser saved in a training run directory (safetensors weights + JSON config)."""
-    from ..checkpoints import load_denoiser
-
     return load_denoiser(run_dir)
 
 

@@ -2,7 +2,7 @@
 
 Every machine is a `Denoiser`: model(x [B, C, H, W], ᾱ [B], labels) → x̂₀ [B, C, H, W], the posterior mean
 whose score is (√ᾱ·x̂₀ − x)/(1−ᾱ) (kamb-ganguli eq. 3, 7, 9, 41). All but the closed-form tanh machine are
-configurations of the patch-posterior engine in `patches.py`.
+configurations of the patch-posterior engine (`scorefield.engine`).
 
 Patch-size schedules (`patch_size`): an odd int; a callable ᾱ → P; a list of (alpha_bar_threshold, P) pairs,
 meaning "use P when ᾱ ≥ threshold", checked in the order given (put the highest threshold first; the last
@@ -21,9 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageSet
-from ..schedules import get_schedule
-from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
-from .patches import (
+from ..engine import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_TOPK,
     CachedBank,
@@ -40,6 +38,8 @@ from .patches import (
     noise_coefficients,
     softmax_posterior,
 )
+from ..schedules import get_schedule
+from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
 from .registry import ModelConfigError, register_model
 
 Tensor = torch.Tensor
@@ -377,7 +377,7 @@ def build_els(data: ImageSet, patch_size: PatchSize = None, padding: str = "circ
               patch_schedule: str = "cosine", prune: bool | str = False, cross_term: str = "auto") -> Denoiser:
     """The equivariant local score machine (eq. 9–10 / 39–40) with periodic boundaries: one bank of all H·W
     wrapped patches of every training image (valid_only=True: patches that fit inside the image only).
-    cross_term: 'auto', 'box' (every distance as a box sum, `models.boxkernel`) or 'gemm' (see PatchPosterior)."""
+    cross_term: 'auto', 'box' (every distance as a box sum, `engine.box`) or 'gemm' (see PatchPosterior)."""
     if padding == "zeros":
         raise ModelConfigError("els assumes periodic boundaries (padding='circular'); for a zero-padded "
                                "network the theory gives the boundary-broken ELS machine: use model 'bbels'")

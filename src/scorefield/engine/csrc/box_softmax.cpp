@@ -15,7 +15,7 @@
 // sum is a sum of whole vectors and the vertical one of whole rows. When W ≡ 4 (mod 8) and H is even (MNIST's
 // 28×28) the lanes instead run over two vertical shifts at once, (dy, dx) and (dy + 1, dx): 2W lanes, a whole
 // number of vectors, so no lane is padding (one vector straddles the two key rows and is loaded as a blend). Each query pixel keeps a running max m,
-// weight sum l and weighted centre-pixel sum acc (the streaming log-sum-exp of scorefield.models.kernels);
+// weight sum l and weighted centre-pixel sum acc (the streaming log-sum-exp of scorefield.engine.softmax);
 // the logits of one query pixel against the W displacements dx of one (key image, dy) are a "group": when all
 // of a group lie below m − threshold its exp is skipped (each such key weighs less than e^−threshold of the
 // running max, which the caller turns into a certified bound on the neglected mass), else the group is folded

@@ -1,35 +1,23 @@
-"""The compiled CPU fast path of `kernels.accumulate` (source: `scorefield/csrc/patch_softmax.cpp`).
+"""The compiled CPU fast path of `kernels.accumulate` (source: `engine/csrc/patch_softmax.cpp`).
 
-The C++ source is compiled at first use with the system C++ compiler (-O3 -march=native -fopenmp) into a
-plain shared library, cached under `$SCOREFIELD_CACHE` (default `~/.cache/scorefield`) keyed by the source,
-the flags and the CPU, and called through ctypes. It is checked against `accumulate_reference` once after
-loading. Whenever it cannot be used (no compiler, failed build or check, float64, a non-CPU device, autograd,
-shapes it does not cover) `try_accumulate` returns None and the caller falls back to pure torch; a missing
-or broken build warns once.
-
-Set `SCOREFIELD_KERNEL=reference` to disable the compiled path.
+Built, cached and self-checked by `build` (-O3 -march=native -fopenmp). Whenever it cannot be used (no
+compiler, failed build or check, float64, a non-CPU device, autograd, shapes it does not cover)
+`try_accumulate` returns None and the caller falls back to the pure-torch reference of `softmax`.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
+from .build import CSRC, CompiledKernel
+from .softmax import accumulate_reference, init_state
+
 Tensor = torch.Tensor
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "patch_softmax.cpp"
-CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
-BUILD_TIMEOUT_S = 120
+SOURCE = CSRC / "patch_softmax.cpp"
 MAX_VALUE_DIM = 4
 # Up to this patch dimension the kernel's own register-blocked logits (6 query rows x 16 keys in registers, the
 # bias and the row max folded in as they are stored) beat a BLAS call per tile, which writes a score tile that
@@ -42,54 +30,6 @@ BLOCK_Q_DIRECT, BLOCK_Q, BLOCK_Q_LARGE_D, BLOCK_K = 48, 128, 256, 512
 LARGE_D = 64
 KEY_PANEL = 16  # keys per packed panel of the direct path (BLOCK_K is a multiple of it)
 
-
-
-def cache_dir() -> Path:
-    """Where compiled kernels are kept (`$SCOREFIELD_CACHE`, else `$XDG_CACHE_HOME/scorefield`)."""
-    root = os.environ.get("SCOREFIELD_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scorefield"
-
-
-def _cpu_signature() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-        model = next((ln for ln in text.splitlines() if ln.startswith("model name")), "")
-        return model + flags
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def build_library(source: Path) -> Path:
-    """Compile a kernel source of `scorefield/csrc` (or reuse the cached build) and return the library's path.
-
-    The cache key covers the source, the headers beside it, the compiler, the flags and the CPU."""
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
-    key = hashlib.sha256(text + " ".join((cxx, *CXX_FLAGS)).encode() + _cpu_signature().encode())
-    target = cache_dir() / "kernels" / key.hexdigest()[:16] / f"lib{source.stem}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        result = subprocess.run([cxx, *CXX_FLAGS, str(source), "-o", str(partial)], capture_output=True,
-                                text=True, timeout=BUILD_TIMEOUT_S)
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling {source.name} failed: {result.stderr.strip()[:500]}")
-        os.replace(partial, target)  # atomic: concurrent builders end with one complete file
-    return target
 
 
 @functools.cache
@@ -113,62 +53,12 @@ def _declare(lib: ctypes.CDLL) -> None:
                                   + [ctypes.c_int, ptr])
 
 
-def open_library(source: Path, declare, what: str, fallback: str) -> ctypes.CDLL | None:
-    """Build (or reuse) and load a kernel of `scorefield/csrc`, declaring its C functions with `declare(lib)`;
-    None, with one warning naming `what` and the `fallback`, when that fails or SCOREFIELD_KERNEL=reference."""
-    if os.environ.get("SCOREFIELD_KERNEL", "").lower() == "reference":
-        return None
-    try:
-        lib = ctypes.CDLL(str(build_library(source)))
-        declare(lib)
-        return lib
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"scorefield: compiled {what} unavailable, using {fallback} ({err})", RuntimeWarning,
-                      stacklevel=4)
-        return None
-
-
-class CompiledKernel:
-    """A kernel of `scorefield/csrc`, built, loaded and checked against its reference once, at first use.
-
-    `declare(lib)` declares its C functions; `self_check()` runs it (through `library`) against the reference
-    on a small input. `what` and `fallback` name it and the path used instead in the one warning given when
-    it cannot be built or fails the check."""
-
-    def __init__(self, source: Path, declare, what: str, fallback: str, self_check) -> None:
-        self.source, self._declare, self.what, self.fallback = source, declare, what, fallback
-        self._self_check = self_check
-        self._lock = threading.Lock()
-        self._state = "unloaded"   # unloaded | ready | unavailable
-        self.library: ctypes.CDLL | None = None
-
-    def available(self) -> bool:
-        """True when the kernel is built, loaded and agrees with its reference (loads it on the first call)."""
-        with self._lock:
-            if self._state != "unloaded":
-                return self._state == "ready"
-            self._state = "unavailable"
-            self.library = open_library(self.source, self._declare, self.what, self.fallback)
-            if self.library is None:
-                return False
-            self._state = "ready"
-        if not self._self_check():
-            with self._lock:
-                self._state = "unavailable"
-            warnings.warn(f"scorefield: compiled {self.what} failed its self-check, using {self.fallback}",
-                          RuntimeWarning, stacklevel=3)
-            return False
-        return True
-
-
 def available() -> bool:
     """True when the compiled kernel is built, loaded and agrees with the reference."""
     return _KERNEL.available()
 
 
 def _self_check() -> bool:
-    from .kernels import accumulate_reference, init_state
-
     gen = torch.Generator().manual_seed(0)
     for dim in (9, DIRECT_MAX_DIM + 9):
         q = torch.randn(37, dim, generator=gen)

@@ -3,7 +3,7 @@
 // For query rows q_i, keys k_j, per-key bias b_j and values v_j (V <= 4 components) it folds
 //     l_ij = scale * q_i.k_j + b_j
 // into a running (max m_i, weight sum l_i, weighted sum acc_i) per row, exactly as
-// scorefield.models.kernels.accumulate_reference does (Kamb & Ganguli, eq. 9-10 / 39-40: the Bayes weights
+// scorefield.engine.softmax.accumulate_reference does (Kamb & Ganguli, eq. 9-10 / 39-40: the Bayes weights
 // of the ELS machine are a softmax over bank patches and the output is their weighted mean of centre pixels).
 //
 // What makes it fast: the score tile of a block of query rows x a block of keys stays in L2. For large D BLAS

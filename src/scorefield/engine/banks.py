@@ -17,8 +17,8 @@ from collections.abc import Iterator
 import torch
 
 from . import pruning
-from .patch_errors import PatchConfigError
-from .patch_geometry import centre_columns, gather_patches, patch_index
+from .errors import PatchConfigError
+from .geometry import centre_columns, gather_patches, patch_index
 
 Tensor = torch.Tensor
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import fastkernel, kernels, pruning
+from . import fused, kernels, pruning
 from .banks import ClusteredBank, KeySource
-from .patch_errors import PatchMemoryError
+from .errors import PatchMemoryError
 
 Tensor = torch.Tensor
 
@@ -113,10 +113,10 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
     exact_fix = dtype != torch.float64 and topk > 0
     track = topk if exact_fix else (1 if provenance else 0)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    fused = (dtype == torch.float32 and queries.device.type == "cpu" and source.value_dim <= fastkernel.MAX_VALUE_DIM
-             and fastkernel.available())
+    in_cache = (dtype == torch.float32 and queries.device.type == "cpu"
+                and source.value_dim <= fused.MAX_VALUE_DIM and fused.available())
     plan = plan_memory(g, q, d, source.value_dim, source.num_keys, itemsize, track, memory_budget,
-                       source.bytes_per_key_extra, chunk_keys, fused=fused)
+                       source.bytes_per_key_extra, chunk_keys, fused=in_cache)
     source.set_chunk_keys(plan.chunk_keys)
     q_aug = augment_queries(queries, a, s2, dtype)                               # [G, Q, D+1]
     blocks = [(start, min(start + plan.query_block, q)) for start in range(0, q, plan.query_block)]

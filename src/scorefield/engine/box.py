@@ -1,5 +1,5 @@
 """The box-sum cross term: the ELS posterior (circular padding, one shared bank) with every patch distance as a
-box sum (source: `scorefield/csrc/box_softmax.cpp`).
+box sum (source: `engine/csrc/box_softmax.cpp`).
 
 For a noisy sample x (a = √ᾱ, s² = 1−ᾱ) and a training image K, the squared distance between the query patch at
 pixel u and the scaled key patch at v = u − δ (kamb-ganguli eq. 9–10, circular) is the P×P box sum at u of the
@@ -22,16 +22,15 @@ from __future__ import annotations
 import ctypes
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .fastkernel import CompiledKernel
+from .build import CSRC, CompiledKernel
 
 Tensor = torch.Tensor
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "box_softmax.cpp"
+SOURCE = CSRC / "box_softmax.cpp"
 MAX_WIDTH = 64                  # image widths the kernel covers (lanes run over the W horizontal shifts)
 MAX_CHANNELS = 4                # channels it covers (the centre values are summed in registers)
 FIXED_POINT_RANGE = 2.0**30     # a window sum of fixed-point squares stays below this (int32 with headroom)

@@ -1,4 +1,4 @@
-"""The streaming softmax-weighted mean at the heart of every patch machine.
+"""The streaming softmax-weighted mean at the heart of every patch machine: the pure-torch reference.
 
 For query rows q_i and bank keys k_j with values v_j, the logits are
     ℓ_ij = scale · q_i·k_j + bias_j                              (an attention score with a per-key bias)
@@ -106,25 +106,3 @@ def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
 def finalize(state: SoftmaxState) -> Tensor:
     """The softmax-weighted mean Σ_j softmax_j v_j: [G..., Q, V]."""
     return state.acc / state.l.unsqueeze(-1)
-
-
-def accumulate(state: SoftmaxState, queries: Tensor, keys: Tensor, bias: Tensor, values: Tensor,
-               scale: float | Tensor, key_offset: int = 0) -> SoftmaxState:
-    """Fold one chunk of keys into `state`: the entry point the engine calls.
-
-    Same arguments, shapes and result as `accumulate_reference`. float32 work on the CPU runs in the compiled
-    fused kernel (`fastkernel`: for D ≤ 64 a register-blocked dot product that adds the bias and takes each
-    row's max as the logits leave the registers, for larger D a tiled sgemm and a max pass; then one exp + sum +
-    weighted-sum sweep per score row, with top-k offers, while the tile is in cache); everything else
-    (float64, other devices, autograd, value dims > 4,
-    scale shapes other than scalar or per-group) runs the pure-torch reference.
-    """
-    if keys.shape[-2] == 0:
-        return state
-    fast = fastkernel.try_accumulate(state, queries, keys, bias, values, scale, key_offset)
-    if fast is not None:
-        return fast
-    return accumulate_reference(state, queries, keys, bias, values, scale, key_offset)
-
-
-from . import fastkernel  # noqa: E402  (imports nothing from here at import time)

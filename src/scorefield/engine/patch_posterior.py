@@ -34,7 +34,8 @@ import math
 
 import torch
 
-from . import boxkernel, kernels, pruning
+from . import box as boxkernel
+from . import kernels, pruning
 from .banks import (
     ASSIGN_CHUNK_KEYS,
     CachedBank,
@@ -43,60 +44,26 @@ from .banks import (
     StreamedPatches,
     WholeImages,
     _held_bytes,
-    augment_keys,
     build_cached_bank,
     cluster_bank,
-    dedup_bank,
-    row_hashes,
     unique_rows,
 )
-from .patch_errors import PatchConfigError, PatchMemoryError
-from .patch_geometry import (
+from .errors import PatchConfigError, PatchMemoryError
+from .geometry import (
     GROUPINGS,
-    PADDINGS,
     GroupBatch,
-    border_classes,
-    centre_columns,
     check_padding,
     check_patch_size,
     extract_patches,
-    gather_patches,
     group_layout,
-    patch_index,
 )
 from .posterior import (
     DEFAULT_MEMORY_BUDGET,
     DEFAULT_TOPK,
-    FULL_PASS_FRACTION,
-    FULL_PASS_KEYS,
-    MAX_QUERY_BLOCK,
-    MIN_NOISE_VARIANCE,
-    PIECE_KEYS,
-    PROGRESS_PAIRS,
-    REST_FLOOR,
-    SMALL_FOLD_PAIRS,
-    Budget,
-    augment_queries,
-    exact_topk_correction,
     noise_coefficients,
-    plan_memory,
     pruned_posterior,
     softmax_posterior,
 )
-
-__all__ = [
-    "ASSIGN_CHUNK_KEYS", "DEFAULT_MEMORY_BUDGET", "DEFAULT_TOPK", "FLAT_LOGIT_SPREAD", "FULL_PASS_FRACTION",
-    "FULL_PASS_KEYS", "GROUPINGS", "MAX_QUERY_BLOCK", "MIN_NOISE_VARIANCE", "PADDINGS", "PIECE_KEYS",
-    "PROGRESS_PAIRS", "PRUNE_MIN_KEYS", "BOX_MIN_PATCH", "BOX_MAX_LOGIT_ERROR", "BOX_SAMPLE_IMAGES",
-    "BOX_UNIQUE_FRACTION", "CROSS_TERMS", "REST_FLOOR",
-    "SMALL_FOLD_PAIRS",
-    "Budget", "CachedBank", "ClusteredBank", "GroupBatch", "KeySource", "PatchConfigError", "PatchMemoryError",
-    "PatchPosterior", "StreamedPatches", "WholeImages",
-    "augment_keys", "augment_queries", "border_classes", "build_cached_bank", "centre_columns", "check_padding",
-    "check_patch_size", "cluster_bank", "dedup_bank", "exact_topk_correction", "extract_patches",
-    "gather_patches", "group_layout", "image_posterior", "noise_coefficients", "patch_index", "plan_memory",
-    "pruned_posterior", "row_hashes", "softmax_posterior", "unique_rows",
-]
 
 Tensor = torch.Tensor
 
@@ -129,7 +96,7 @@ class PatchPosterior:
     key of log-weight logsumexp(logw) before folding it (exact; provenance is the first occurrence in the
     chunk; pairs evaluated count the merged keys).
     cross_term: how the distances of the shared circular bank (ELS) are computed: 'gemm' (the attention-style
-    dot products above), 'box' (`boxkernel`: every distance as a sliding box sum, O(1) per pair whatever P;
+    dot products above), 'box' (`box`: every distance as a sliding box sum, O(1) per pair whatever P;
     exp skipped for key groups below box_tolerance of a pixel's mass, with a certified bound) or 'auto' (box
     sums from BOX_MIN_PATCH up when the compiled kernel is available, the call needs no gradient and the
     fixed-point grid's logit error bound stays below BOX_MAX_LOGIT_ERROR; below BOX_MIN_PATCH only when at least

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patch_errors import PatchConfigError
+from .errors import PatchConfigError
 
 Tensor = torch.Tensor
 
