@@ -116,8 +116,9 @@ def test_conditional_uses_only_the_label_images():
     sub = sf.models.make("els", data.of_class(1), patch_size=3, padding="circular", dtype="float64")
     cond = sf.models.make("els", data, patch_size=3, padding="circular", conditional=True, dtype="float64")
     assert torch.allclose(cond(x.double(), 0.6, torch.tensor([1, 1, 1])), sub(x.double(), 0.6), atol=1e-12)
-    with pytest.raises(ValueError, match="labels"):
-        model(x, 0.5)
+    # labels=None asks a conditional machine for the unconditional one: the machine over every class
+    everyone = sf.models.make("els", data, patch_size=3, padding="circular", dtype="float64")
+    assert torch.allclose(cond(x.double(), 0.6), everyone(x.double(), 0.6), atol=1e-12)
 
 
 def test_per_sample_alpha_bar_equals_separate_calls():

@@ -26,6 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE", help="any other sampler option")
     g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
     g.add_argument("--labels", default=None, help="comma-separated class labels for a conditional model")
+    g.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance x̂₀(∅) + W·(x̂₀(y) − x̂₀(∅)); needs a conditional model "
+                        "(analytic machines: labels=None is the machine over every class)")
+    g.add_argument("--guidance-window", default=None, metavar="MIN:MAX",
+                   help="guide only where MIN ≤ ᾱ ≤ MAX (a guidance pulse); default everywhere")
     g.add_argument("--batch-size", type=int, default=16, help="samples per batch (each batch is saved)")
     g.add_argument("--save-trajectory", action="store_true", help="also save x and x̂₀ at every step")
     o = p.add_argument_group("output")
@@ -44,9 +49,21 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, data_options=data_options(args), n=args.n, steps=args.steps, sampler=args.sampler,
         schedule=args.schedule, sampler_options=sampler_options, seed=args.seed,
         labels=None if args.labels is None else [int(v) for v in args.labels.split(",")],
-        batch_size=args.batch_size, save_trajectory=args.save_trajectory)
+        batch_size=args.batch_size, save_trajectory=args.save_trajectory, guidance=args.guidance,
+        guidance_alpha_bar=_window(args.guidance_window))
     run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume)
     summary = run_dir.read_json("summary.json")
     print(f"run directory: {run_dir.path}")
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def _window(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    parts = text.split(":")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise SystemExit(f"error: --guidance-window must be MIN:MAX in ᾱ (e.g. 0.2:0.6), got {text!r}") from None
+    return [lo, hi]

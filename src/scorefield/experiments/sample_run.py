@@ -21,7 +21,7 @@ from .. import models as sf_models
 from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
 from ..runs import RunDir, RunError
-from ..sampling import initial_noise, sample
+from ..sampling import Guidance, initial_noise, sample
 
 
 @dataclass
@@ -42,6 +42,8 @@ class SampleConfig:
     labels: list[int] | None = None        # class labels for conditional models (default: cycle over classes)
     batch_size: int = 16
     save_trajectory: bool = False
+    guidance: float | None = None          # classifier-free guidance scale w (needs a conditional model)
+    guidance_alpha_bar: list[float] | None = None   # [min, max]: guide only at these ᾱ (a pulse); default all
 
 
 class TrajectoryRecorder:
@@ -55,6 +57,21 @@ class TrajectoryRecorder:
         if info["x0_hat"] is not None:
             self.x.append(info["x"].clone())
             self.x0_hat.append(info["x0_hat"].clone())
+
+
+def guidance_of(cfg: SampleConfig, model: sf_models.Denoiser) -> Guidance | None:
+    """The run's classifier-free guidance, checked against the model (guidance needs class labels)."""
+    if cfg.guidance is None:
+        if cfg.guidance_alpha_bar is not None:
+            raise ValueError("a guidance window was given without a guidance scale (--guidance W)")
+        return None
+    if not getattr(model, "conditional", False):
+        raise ValueError(f"guidance needs a class-conditional model; '{cfg.model}' is unconditional "
+                         "(make it with conditional=True, or --model-opt conditional=true)")
+    lo, hi = cfg.guidance_alpha_bar or (0.0, 1.0)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"the guidance window must satisfy 0 ≤ min ≤ max ≤ 1 in ᾱ, got [{lo}, {hi}]")
+    return Guidance(scale=float(cfg.guidance), alpha_bar_min=float(lo), alpha_bar_max=float(hi))
 
 
 def build_model(cfg: SampleConfig, data: sf_data.ImageSet) -> sf_models.Denoiser:
@@ -99,6 +116,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
     data = sf_data.load(cfg.data, **cfg.data_options)
     model = build_model(cfg, data)
     labels = sample_labels(cfg, data, model)
+    guidance = guidance_of(cfg, model)
     if cfg.model_run:  # record what was actually sampled, not the default machine name
         cfg = replace(cfg, model=str(model.config.get("name", model.name)))
     if run is None:
@@ -116,7 +134,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
         recorder = TrajectoryRecorder() if cfg.save_trajectory else None
         tic = time.perf_counter()
         out = sample(model, noise, steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule,
-                     labels=batch_labels, seeds=batch_seeds,
+                     labels=batch_labels, seeds=batch_seeds, guidance=guidance,
                      callback=recorder, progress=progress, **cfg.sampler_options)
         arrays: dict[str, Any] = {"samples": out, "seeds": np.array(batch_seeds), "noise": noise}
         if batch_labels is not None:

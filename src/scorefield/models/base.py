@@ -53,6 +53,10 @@ class Denoiser(torch.nn.Module):
 
     name: str = "denoiser"
     conditional: bool = False
+    # True when labels=None is meaningful for a conditional denoiser: the unconditional model (the null class
+    # of a network trained with label dropout; the machine over all classes' images). Classifier-free
+    # guidance needs it.
+    unconditional_without_labels: bool = False
 
     def __init__(self, image_shape: tuple[int, int, int], config: dict[str, Any] | None = None) -> None:
         super().__init__()
@@ -67,7 +71,7 @@ class Denoiser(torch.nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Check a call's inputs against this denoiser (shape, range, labels when conditional)."""
         x, ab, labels = check_denoiser_inputs(x, alpha_bar, labels, self.image_shape)
-        if self.conditional and labels is None:
+        if self.conditional and labels is None and not self.unconditional_without_labels:
             raise DenoiserInputError(f"{self.name} is class-conditional: pass labels=[B] class indices")
         return x, ab, labels
 

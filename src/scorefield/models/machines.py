@@ -158,7 +158,7 @@ def _split_batch(ab: Tensor, labels: Tensor | None, conditional: bool,
     """Sample indices grouped by (label or None, patch size)."""
     groups: dict[tuple[int | None, int], list[int]] = {}
     for i in range(ab.shape[0]):
-        label = int(labels[i]) if conditional else None
+        label = int(labels[i]) if conditional and labels is not None else None
         size = size_of(float(ab[i])) if size_of is not None else 0
         groups.setdefault((label, size), []).append(i)
     return {k: torch.tensor(v) for k, v in groups.items()}
@@ -167,11 +167,15 @@ def _split_batch(ab: Tensor, labels: Tensor | None, conditional: bool,
 class _BatchSplitMachine(Denoiser):
     """A machine that answers each (label, patch size) part of a batch separately and scatters the parts back.
 
+    A conditional machine called with labels=None is the unconditional machine over every class's images,
+    so classifier-free guidance D_u + w·(D_c − D_u) works with analytic machines as with networks.
+
     Subclasses give `_size_of` (None: one size), `_provenance_shape(x)` and `_part(label, size, x, ab,
     provenance) -> (x̂₀ part, provenance part with dataset-local image indices in [..., 0] | None, index map)`.
     """
 
     _size_of: Callable[[float], int] | None = None
+    unconditional_without_labels = True
 
     def denoise(self, x: Tensor, alpha_bar: Tensor, labels: Tensor | None) -> Tensor:
         return self.denoise_with_provenance(x, alpha_bar, labels, provenance=False)[0]

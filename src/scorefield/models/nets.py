@@ -107,6 +107,7 @@ class NetDenoiser(Denoiser):
         super().__init__(image_shape, config)
         self.schedule = get_schedule(schedule)
         self.conditional = bool(conditional)
+        self.unconditional_without_labels = True   # labels=None is the null class
         self.num_classes = int(num_classes)
         self.padding = padding
         self.embedding = Embedding(emb_dim, self.num_classes, self.conditional)
