@@ -222,9 +222,9 @@ def test_flat_logits_give_the_prior_mean_without_folding():
 def test_prior_mean_shortcut_equals_the_folded_bank_with_weights():
     images, _ = _data(n=5, c=2, h=6, w=7)
     logw = torch.randn(5, dtype=torch.float64)
-    shortcut = P.PatchPosterior(images, log_weights=logw, dtype=torch.float64)._prior_mean(5, 0)
+    shortcut = P.PatchPosterior(images, log_weights=logw, dtype=torch.float64).prior_mean(5, 0)
     folded = P.PatchPosterior(images, log_weights=logw, dtype=torch.float64, grouping="location",
-                              padding="circular")._prior_mean(5, 0).mean(0)   # per location: same pixel means
+                              padding="circular").prior_mean(5, 0).mean(0)   # per location: same pixel means
     assert torch.allclose(shortcut[0], folded, atol=1e-12)
 
 

@@ -47,6 +47,7 @@ class KeySource:
     chunk_keys: int          # keys per group per chunk
     bytes_per_key_extra: float = 0.0   # transient bytes per key while a chunk is being cut
     folded_keys: int = 0               # keys per group folded by the last pass (`mapped_chunks`)
+    device: torch.device               # where the keys live (the device of the training images)
 
     def set_chunk_keys(self, keys: int) -> None:
         self.chunk_keys = max(1, int(keys))
@@ -91,10 +92,11 @@ class StreamedPatches(KeySource):
         self.log_weights = log_weights                               # [N]
         n, c, h, w = images.shape
         self.width = w
-        self.key_locs = key_locs                                     # [G, Lk]
+        self.device = images.device                                  # the bank lives where its images do
+        self.key_locs = key_locs.to(self.device)                     # [G, Lk]
         self.groups, self.locs_per_image = key_locs.shape
-        self.index = patch_index(h, w, patch_size, padding)          # [HW, PP]
-        self.centre = centre_columns(c, patch_size)
+        self.index = patch_index(h, w, patch_size, padding).to(self.device)   # [HW, PP]
+        self.centre = centre_columns(c, patch_size).to(self.device)
         self.dim = c * patch_size * patch_size
         self.value_dim = c
         self.num_keys = n * self.locs_per_image
@@ -148,14 +150,14 @@ class StreamedPatches(KeySource):
             del keys
             if u > MERGE_MIN_SAVING * full.shape[1]:   # too few duplicates to pay for the copy: fold as cut
                 self.folded_keys += full.shape[1]
-                index = torch.arange(offset, offset + full.shape[1]).expand(self.groups, -1)
+                index = torch.arange(offset, offset + full.shape[1], device=self.device).expand(self.groups, -1)
                 full = _augmented(full, dtype)
                 yield (offset, full, logw64.to(dtype), full[..., self.centre], index,
-                       torch.zeros(self.groups, full.shape[1], dtype=torch.float64))
+                       torch.zeros(self.groups, full.shape[1], dtype=torch.float64, device=self.device))
                 continue
-            first = torch.full((self.groups, u), -1, dtype=torch.int64)
-            merged = torch.full((self.groups, u), -math.inf, dtype=torch.float64)
-            extra = torch.zeros(self.groups, u, dtype=torch.float64)
+            first = torch.full((self.groups, u), -1, dtype=torch.int64, device=self.device)
+            merged = torch.full((self.groups, u), -math.inf, dtype=torch.float64, device=self.device)
+            extra = torch.zeros(self.groups, u, dtype=torch.float64, device=self.device)
             picked = (full.new_empty if len({p[0].shape[0] for p in parts}) == 1 else full.new_zeros)(
                 self.groups, u, self.dim + 1)
             for g, (idx, lse) in enumerate(parts):
@@ -173,7 +175,7 @@ class StreamedPatches(KeySource):
         idx = index.clamp_min(0)
         image = idx // self.locs_per_image
         slot = idx % self.locs_per_image
-        g = torch.arange(self.groups).reshape(-1, *([1] * (idx.ndim - 1))).expand_as(idx)
+        g = torch.arange(self.groups, device=idx.device).reshape(-1, *([1] * (idx.ndim - 1))).expand_as(idx)
         return image, self.key_locs[g, slot]
 
     def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -182,7 +184,8 @@ class StreamedPatches(KeySource):
         flat = torch.cat([self.images.reshape(self.images.shape[0], c, -1),
                           self.images.new_zeros(self.images.shape[0], c, 1)], dim=2)   # [N, C, HW+1]
         pix = self.index[loc]                                             # [G, Q, k, PP]
-        keys = flat[image[..., None, None], torch.arange(c)[:, None], pix[..., None, :]]  # [G, Q, k, C, PP]
+        channel = torch.arange(c, device=self.device)[:, None]
+        keys = flat[image[..., None, None], channel, pix[..., None, :]]                 # [G, Q, k, C, PP]
         keys = keys.reshape(*index.shape, self.dim).double()
         logw = self.log_weights[image].double().masked_fill(index < 0, -math.inf)
         return keys, logw, keys[..., self.centre]
@@ -196,7 +199,8 @@ class StreamedPatches(KeySource):
         c = self.images.shape[1]
         flat = torch.cat([self.images.reshape(self.images.shape[0], c, -1),
                           self.images.new_zeros(self.images.shape[0], c, 1)], dim=2)   # [N, C, HW+1]
-        keys = flat[image[0][:, None, None], torch.arange(c)[:, None], self.index[loc[0]][:, None, :]]
+        channel = torch.arange(c, device=self.device)[:, None]
+        keys = flat[image[0][:, None, None], channel, self.index[loc[0]][:, None, :]]
         keys = keys.reshape(index.shape[0], self.dim)                     # [M, D]
         return keys, self.log_weights[image[0]].to(torch.float32), keys[:, self.centre]
 
@@ -208,11 +212,23 @@ class CachedBank(KeySource):
     def __init__(self, keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> None:
         # the augmented keys are what every call folds: kept once, the raw keys are a view of them
         self.keys_aug = augment_keys(keys.to(torch.float32))                  # [G, K, D+1]
+        self.device = keys.device
         self.keys = self.keys_aug[..., :-1]
         self.logw, self.values, self.source_table = logw, values, sources
         self.groups, self.num_keys, self.dim = keys.shape
         self.value_dim = values.shape[-1]
         self.chunk_keys = self.num_keys
+
+    def to(self, device: torch.device | str) -> CachedBank:
+        """The same bank on `device` (self when it is already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = CachedBank(self.keys.to(device), self.logw.to(device), self.values.to(device),
+                           self.source_table.to(device))
+        if hasattr(self, "raw_keys"):
+            moved.raw_keys = self.raw_keys
+        return moved
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.keys_aug, self.logw, self.values,
@@ -234,7 +250,7 @@ class CachedBank(KeySource):
                    self.values[:, start:stop].to(dtype))
 
     def _rows(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        g = torch.arange(self.groups).reshape(-1, *([1] * (index.ndim - 1))).expand_as(index)
+        g = torch.arange(self.groups, device=index.device).reshape(-1, *([1] * (index.ndim - 1))).expand_as(index)
         return g, index.clamp_min(0)
 
     def gather(self, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -280,7 +296,8 @@ class WholeImages(KeySource):
         self.chunk_keys = self.num_keys
         self.bytes_per_key_extra = 2.0 * self.dim if translates else 0.0
         # shift_index[s, p]: the source pixel of output pixel p = (py, px) under the shift s = (sy, sx)
-        ys, xs = torch.arange(h), torch.arange(w)
+        self.device = images.device
+        ys, xs = torch.arange(h, device=self.device), torch.arange(w, device=self.device)
         src_y = (ys[None, :, None] - ys[:, None, None]) % h                # [sy, py, 1]
         src_x = (xs[None, None, :] - xs[:, None, None]) % w                # [sx, 1, px]
         self.shift_index = (src_y[:, None, :, None] * w + src_x[None, :, None, :]).reshape(h * w, h * w)
@@ -294,16 +311,17 @@ class WholeImages(KeySource):
         flat = self.images.reshape(self.images.shape[0], c, -1)
         if self.shifts == 1:
             return flat[image_idx].reshape(n, -1)
-        return flat[image_idx[:, None, None], torch.arange(c)[:, None], self.shift_index[shift][:, None, :]
+        channel = torch.arange(c, device=self.device)[:, None]
+        return flat[image_idx[:, None, None], channel, self.shift_index[shift][:, None, :]
                     ].reshape(n, -1)
 
     def chunks(self, dtype: torch.dtype) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
         per_chunk = max(1, self.chunk_keys // self.shifts)
         n_img = self.images.shape[0]
         for start in range(0, n_img, per_chunk):
-            idx = torch.arange(start, min(start + per_chunk, n_img))
+            idx = torch.arange(start, min(start + per_chunk, n_img), device=self.device)
             img = idx.repeat_interleave(self.shifts)
-            shift = torch.arange(self.shifts).repeat(idx.shape[0])
+            shift = torch.arange(self.shifts, device=self.device).repeat(idx.shape[0])
             keys = self._shifted(img, shift).to(dtype)[None]                  # [1, n·T, CHW]
             yield start * self.shifts, keys, self.log_weights[img].to(dtype)[None], keys
 
@@ -323,8 +341,9 @@ def row_hashes(keys: Tensor, block: int = 16384) -> Tensor:
     """A 64-bit hash [K] of the bit pattern of each row of keys [K, D] (float32): equal rows hash equally."""
     bits = keys.contiguous().view(torch.int32)
     gen = torch.Generator().manual_seed(12345)
-    mult = torch.randint(1, 2**62, (keys.shape[1],), generator=gen, dtype=torch.int64) | 1   # odd multipliers
-    out = torch.empty(keys.shape[0], dtype=torch.int64)
+    mult = torch.randint(1, 2**62, (keys.shape[1],), generator=gen, dtype=torch.int64, device="cpu") | 1
+    mult = mult.to(keys.device)                                       # odd multipliers, the same on every device
+    out = torch.empty(keys.shape[0], dtype=torch.int64, device=keys.device)
     for start in range(0, keys.shape[0], block):          # int64 products wrap: a deterministic hash
         out[start:start + block] = (bits[start:start + block].long() * mult).sum(-1)
     return out
@@ -335,14 +354,14 @@ def projection_hashes(keys: Tensor) -> Tensor:
     equal rows almost always hash equally (a GEMM may sum an edge row in another order, which only leaves
     a duplicate unmerged); unequal rows that collide are caught by `unique_rows`' check."""
     gen = torch.Generator().manual_seed(12345)
-    proj = torch.randn(keys.shape[1], 2, generator=gen).to(keys.dtype)
+    proj = torch.randn(keys.shape[1], 2, generator=gen, device="cpu").to(keys.device, keys.dtype)
     bits = (keys @ proj).contiguous().view(torch.int32).long()                   # [K, 2]
     return (bits[:, 0] << 32) | (bits[:, 1] & 0xFFFFFFFF)
 
 
 def _rows_match(keys: Tensor, rep: Tensor, block: int = 16384) -> bool:
     """Whether every row keys[i] equals keys[rep[i]], checked block by block over the rows i ≠ rep[i]."""
-    rows = torch.nonzero(rep != torch.arange(rep.shape[0])).reshape(-1)
+    rows = torch.nonzero(rep != torch.arange(rep.shape[0], device=rep.device)).reshape(-1)
     return all(torch.equal(keys[rep[rows[i:i + block]]], keys[rows[i:i + block]])
                for i in range(0, rows.shape[0], block))
 
@@ -353,13 +372,13 @@ def unique_rows(keys: Tensor, hashes: Tensor | None = None) -> tuple[Tensor, Ten
     collision falls back to a row sort)."""
     _, inverse = torch.unique(row_hashes(keys) if hashes is None else hashes, return_inverse=True)
     u = int(inverse.max()) + 1 if inverse.numel() else 0
-    first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
-        0, inverse, torch.arange(keys.shape[0]), "amin")
+    first = torch.full((u,), keys.shape[0], dtype=torch.int64, device=keys.device).scatter_reduce(
+        0, inverse, torch.arange(keys.shape[0], device=keys.device), "amin")
     if not _rows_match(keys, first[inverse]):
         _, inverse = torch.unique(keys, dim=0, return_inverse=True)
         u = int(inverse.max()) + 1
-        first = torch.full((u,), keys.shape[0], dtype=torch.int64).scatter_reduce(
-            0, inverse, torch.arange(keys.shape[0]), "amin")
+        first = torch.full((u,), keys.shape[0], dtype=torch.int64, device=keys.device).scatter_reduce(
+            0, inverse, torch.arange(keys.shape[0], device=keys.device), "amin")
     return first, inverse
 
 
@@ -369,12 +388,12 @@ def _dedup_chunk(keys: Tensor, logw: Tensor, hashes: Tensor) -> tuple[Tensor, Te
     first, inverse = unique_rows(keys, hashes)
     order = torch.argsort(first)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.shape[0])
+    rank[order] = torch.arange(order.shape[0], device=order.device)
     first, inverse = first[order], rank[inverse]
     u = first.shape[0]
-    top = torch.full((u,), -math.inf, dtype=logw.dtype).scatter_reduce(0, inverse, logw, "amax")
+    top = torch.full((u,), -math.inf, dtype=logw.dtype, device=logw.device).scatter_reduce(0, inverse, logw, "amax")
     safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    mass = torch.zeros(u, dtype=logw.dtype).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
+    mass = torch.zeros(u, dtype=logw.dtype, device=logw.device).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
     return first, safe + torch.log(mass)
 
 
@@ -384,9 +403,9 @@ def dedup_bank(keys: Tensor, logw: Tensor, values: Tensor, sources: Tensor) -> t
     function of the key whenever it is a patch centre. The source kept is the first occurrence."""
     first, inverse = unique_rows(keys)
     u = first.shape[0]
-    top = torch.full((u,), -math.inf, dtype=logw.dtype).scatter_reduce(0, inverse, logw, "amax")
+    top = torch.full((u,), -math.inf, dtype=logw.dtype, device=logw.device).scatter_reduce(0, inverse, logw, "amax")
     safe = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    mass = torch.zeros(u, dtype=logw.dtype).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
+    mass = torch.zeros(u, dtype=logw.dtype, device=logw.device).index_add_(0, inverse, torch.exp(logw - safe[inverse]))
     return keys[first], safe + torch.log(mass), values[first], sources[first]
 
 
@@ -399,7 +418,7 @@ def build_cached_bank(source: StreamedPatches, dedup: bool = True) -> CachedBank
         all_logw.append(logw)
         all_values.append(values)
     keys, logw, values = torch.cat(all_keys, 1), torch.cat(all_logw, 1), torch.cat(all_values, 1)
-    idx = torch.arange(keys.shape[1]).expand(source.groups, -1)
+    idx = torch.arange(keys.shape[1], device=keys.device).expand(source.groups, -1)
     srcs = source.sources(idx)                                                 # [G, K, 3]
     for g in range(source.groups):
         parts.append(dedup_bank(keys[g], logw[g], values[g], srcs[g]) if dedup
@@ -429,7 +448,7 @@ class ClusteredBank(KeySource):
     def __init__(self, base: KeySource, index: pruning.ClusterIndex) -> None:
         if base.groups != 1:
             raise PatchConfigError("a clustered bank holds one group of keys")
-        self.base, self.index = base, index
+        self.base, self.index, self.device = base, index, base.device
         self.groups, self.dim, self.value_dim = 1, base.dim, base.value_dim
         self.num_keys = int(index.order.shape[0])
         self.chunk_keys = self.num_keys
@@ -476,7 +495,8 @@ def cluster_bank(base: KeySource, clusters: int | None = None, seed: int = 0) ->
     k = base.num_keys
     clusters = pruning.default_cluster_count(k, base.dim) if clusters is None else int(clusters)
     gen = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(k, generator=gen)[:min(k, pruning.SAMPLE_PER_CLUSTER * clusters)]
+    sample = torch.randperm(k, generator=gen, device="cpu")[:min(k, pruning.SAMPLE_PER_CLUSTER * clusters)]
+    sample = sample.to(base.device)
     centroids = pruning.kmeans_centroids(base.take(sample.sort().values)[0].to(torch.float32), clusters, gen)
     labels, dists, logws = [], [], []
     if isinstance(base, CachedBank):

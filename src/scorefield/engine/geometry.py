@@ -18,6 +18,9 @@ from .errors import PatchConfigError
 Tensor = torch.Tensor
 
 PADDINGS = ("zeros", "circular")
+# Patch indices and group layouts are small integer tables built once on the host; they move to the device of
+# the tensors they index at the point of use.
+HOST = torch.device("cpu")
 GROUPINGS = ("shared", "location", "border")
 
 
@@ -42,9 +45,9 @@ def patch_index(height: int, width: int, patch_size: int, padding: str) -> Tenso
     any P, also larger than the image.
     """
     r = patch_size // 2
-    offs = torch.arange(-r, r + 1)
-    ys = torch.arange(height)[:, None] + offs[None, :]          # [H, P]
-    xs = torch.arange(width)[:, None] + offs[None, :]           # [W, P]
+    offs = torch.arange(-r, r + 1, device=HOST)
+    ys = torch.arange(height, device=HOST)[:, None] + offs[None, :]          # [H, P]
+    xs = torch.arange(width, device=HOST)[:, None] + offs[None, :]           # [W, P]
     if padding == "circular":
         ys, xs = ys % height, xs % width
         idx = ys[:, None, :, None] * width + xs[None, :, None, :]    # [H, W, P, P]
@@ -58,14 +61,14 @@ def patch_index(height: int, width: int, patch_size: int, padding: str) -> Tenso
 def centre_columns(channels: int, patch_size: int) -> Tensor:
     """Positions of the centre pixel (one per channel) in a flattened patch of D = C·P·P values."""
     r = patch_size // 2
-    return torch.arange(channels) * patch_size * patch_size + r * patch_size + r
+    return torch.arange(channels, device=HOST) * patch_size * patch_size + r * patch_size + r
 
 
 def gather_patches(images: Tensor, index: Tensor) -> Tensor:
     """Patches [N, L, C·P·P] of images [N, C, H, W] at the rows of a `patch_index` selection index [L, P·P]."""
     n, c = images.shape[:2]
     flat = torch.cat([images.reshape(n, c, -1), images.new_zeros(n, c, 1)], dim=2)   # [N, C, HW+1]
-    patches = flat[:, :, index]                                                         # [N, C, L, PP]
+    patches = flat[:, :, index.to(images.device)]                                       # [N, C, L, PP]
     return patches.permute(0, 2, 1, 3).reshape(n, index.shape[0], -1)
 
 
@@ -80,8 +83,8 @@ def border_classes(height: int, width: int, patch_size: int) -> Tensor:
     (P−1)/2 (App. B.2, Fig. 9). Interior pixels share one class; a corner pixel whose patch sees two borders is
     alone in its class; edge pixels share a class with the pixels at the same distance to that edge."""
     r = patch_size // 2
-    y = torch.arange(height)[:, None].expand(height, width)
-    x = torch.arange(width)[None, :].expand(height, width)
+    y = torch.arange(height, device=HOST)[:, None].expand(height, width)
+    x = torch.arange(width, device=HOST)[None, :].expand(height, width)
     cls = torch.stack([y.clamp(max=r), x.clamp(max=r), (height - 1 - y).clamp(max=r),
                        (width - 1 - x).clamp(max=r)], dim=-1)
     return cls.reshape(height * width, 4)
@@ -106,7 +109,7 @@ def group_layout(grouping: str, height: int, width: int, patch_size: int,
     inside the image if `valid_only`), 'location' (LS: the same location), 'border' (bbELS: the same border
     class). Groups of equal size are batched into one GroupBatch."""
     hw = height * width
-    everywhere = torch.arange(hw)
+    everywhere = torch.arange(hw, device=HOST)
     if valid_only and grouping != "shared":
         raise PatchConfigError("valid_only applies to the shared (ELS) bank only")
     if grouping == "shared":

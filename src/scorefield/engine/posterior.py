@@ -112,7 +112,7 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
     g, q, d = queries.shape
     exact_fix = dtype != torch.float64 and topk > 0
     track = topk if exact_fix else (1 if provenance else 0)
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = torch.finfo(dtype).bits // 8
     in_cache = (dtype == torch.float32 and queries.device.type == "cpu"
                 and source.value_dim <= fused.MAX_VALUE_DIM and fused.available())
     plan = plan_memory(g, q, d, source.value_dim, source.num_keys, itemsize, track, memory_budget,
@@ -243,7 +243,7 @@ def _pruned_block(queries: Tensor, a: Tensor, s2: Tensor, bank: ClusteredBank, d
         for start, k_aug, logw, values in _pieces(bank, FULL_PASS_KEYS, dtype):
             state = kernels.accumulate(state, q_aug, k_aug, logw, values, 1.0, key_offset=start)
         torch.set_num_threads(1)
-        evaluated, bound = q * bank.num_keys, torch.zeros(1)
+        evaluated, bound = q * bank.num_keys, torch.zeros(1, device=queries.device)
     else:
         evaluated = _fold_clusters(state, q_aug, bank, mask, dtype, threads)
     if exact_fix:
@@ -276,7 +276,7 @@ def _fold_clusters(state: kernels.SoftmaxState, q_aug: Tensor, bank: ClusteredBa
             k_aug, logw, values = bank.keys_between(start, min(start + PIECE_KEYS, hi), dtype)
             if rows is None:
                 part = kernels.accumulate(state, q_aug, k_aug, logw, values, 1.0, key_offset=start)
-                _put_state(state, torch.arange(q), part)
+                _put_state(state, torch.arange(q, device=q_aug.device), part)
             else:
                 part = kernels.accumulate(_take_state(state, rows), q_aug.index_select(1, rows), k_aug, logw,
                                           values, 1.0, key_offset=start)
@@ -331,3 +331,31 @@ def exact_topk_correction(state: kernels.SoftmaxState, queries: Tensor, a: Tenso
         bests.append(torch.gather(index, -1, exact.argmax(-1, keepdim=True))[..., 0])
     return torch.cat(means, 1), torch.cat(bests, 1)
 
+
+
+AUTOGRAD_PAIR_BYTES = 40                 # float64 bytes autograd keeps per (query, key) pair of a fold
+
+
+def differentiable_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource, *,
+                             memory_budget: float = DEFAULT_MEMORY_BUDGET) -> Tensor:
+    """`softmax_posterior` with gradients: the same streaming log-sum-exp (kamb-ganguli eq. 10 / 40), every key
+    folded by the pure-torch reference in float64 so that autograd differentiates it exactly (no compiled
+    kernel, no skipping, no float32 top-k fix, which would cut the graph).
+
+    queries: [G, Q, D] (requires grad); a, s2: [G, Q] float64. Returns the mean [G, Q, V] in float64. Autograd
+    keeps every fold's logits until the backward pass, so memory grows with Q × keys: refused with the
+    estimate when it exceeds `memory_budget`.
+    """
+    g, q, _ = queries.shape
+    need = AUTOGRAD_PAIR_BYTES * g * q * source.num_keys
+    if need > memory_budget:
+        raise PatchMemoryError(
+            f"a differentiable call keeps about {need / 2**20:.0f} MiB of logits for the backward pass "
+            f"({g * q} queries × {source.num_keys} keys), over the memory budget of {memory_budget / 2**20:.0f} "
+            f"MiB; differentiate fewer samples at once, use fewer training images, or raise memory_budget")
+    source.set_chunk_keys(max(1, min(source.num_keys, int(memory_budget // (16 * max(1, g * q))))))
+    q_aug = augment_queries(queries, a, s2, torch.float64)                        # [G, Q, D+1]
+    state = kernels.init_state((g, q), source.value_dim, torch.float64, queries.device)
+    for offset, k_aug, logw, values in source.augmented_chunks(torch.float64):
+        state = kernels.accumulate_reference(state, q_aug, k_aug, logw, values, 1.0, key_offset=offset)
+    return kernels.finalize(state)

@@ -85,12 +85,12 @@ def kmeans_centroids(sample: Tensor, clusters: int, generator: torch.Generator,
     """Centroids [C, D] (float32) from Lloyd iterations on sample [S, D], seeded with distinct sample rows."""
     s = sample.shape[0]
     clusters = min(clusters, s)
-    centroids = sample[torch.randperm(s, generator=generator)[:clusters]].clone()
+    centroids = sample[torch.randperm(s, generator=generator, device="cpu")[:clusters].to(sample.device)].clone()
     for _ in range(iterations):
         label, _ = nearest_centroid(sample, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, label, sample)
-        counts = torch.zeros(clusters, dtype=sample.dtype).index_add_(0, label, torch.ones_like(label,
-                                                                                                   dtype=sample.dtype))
+        ones = torch.ones_like(label, dtype=sample.dtype)
+        counts = torch.zeros(clusters, dtype=sample.dtype, device=sample.device).index_add_(0, label, ones)
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
     return centroids
@@ -115,26 +115,28 @@ def build_cluster_index(labels: Tensor, dists: Tensor, logw: Tensor, centroids: 
 
     labels, dists, logw: [K] per key; centroids: [C, D]."""
     c = centroids.shape[0]
+    device = labels.device
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=c)
     kept = counts > 0
     remap = torch.cumsum(kept.long(), 0) - 1                                   # old cluster -> new
     new_labels = remap[labels]
     c_new = int(kept.sum())
-    radii = torch.zeros(c_new, dtype=torch.float64).scatter_reduce(0, new_labels, dists.double(), "amax")
+    radii = torch.zeros(c_new, dtype=torch.float64, device=device).scatter_reduce(0, new_labels, dists.double(), "amax")
     lw = logw.double()
-    top = torch.full((c_new,), -math.inf, dtype=torch.float64).scatter_reduce(0, new_labels, lw, "amax")
+    top = torch.full((c_new,), -math.inf, dtype=torch.float64, device=device).scatter_reduce(0, new_labels, lw, "amax")
     safe_top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    mass = torch.zeros(c_new, dtype=torch.float64).index_add_(0, new_labels, torch.exp(lw - safe_top[new_labels]))
-    offsets = torch.zeros(c_new + 1, dtype=torch.int64)
+    mass = torch.zeros(c_new, dtype=torch.float64, device=device).index_add_(
+        0, new_labels, torch.exp(lw - safe_top[new_labels]))
+    offsets = torch.zeros(c_new + 1, dtype=torch.int64, device=device)
     offsets[1:] = torch.cumsum(counts[kept], 0)
     sorted_dist = dists.double()[order]                                        # [K] in cluster order
     sorted_label = new_labels[order]
-    nearest = torch.full((c_new,), math.inf, dtype=torch.float64).scatter_reduce(0, sorted_label, sorted_dist,
-                                                                                 "amin")
-    position = torch.arange(order.shape[0])
+    nearest = torch.full((c_new,), math.inf, dtype=torch.float64, device=device).scatter_reduce(
+        0, sorted_label, sorted_dist, "amin")
+    position = torch.arange(order.shape[0], device=device)
     is_nearest = sorted_dist == nearest[sorted_label]
-    representative = torch.full((c_new,), order.shape[0], dtype=torch.int64).scatter_reduce(
+    representative = torch.full((c_new,), order.shape[0], dtype=torch.int64, device=device).scatter_reduce(
         0, sorted_label[is_nearest], position[is_nearest], "amin")
     return ClusterIndex(centroids=centroids[kept].double(), radii=radii * (1 + RADIUS_SLACK) + RADIUS_SLACK,
                         log_mass=safe_top + torch.log(mass), offsets=offsets, order=order,

@@ -79,5 +79,15 @@ class Denoiser(torch.nn.Module):
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.denoise(*self.validate_call(x, alpha_bar, labels))
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001  (torch's signature)
+        # `.to(device)`, `.cuda()`, `.cpu()` reach every Module through `_apply`; state that is not a parameter or
+        # buffer (the banks of analytic machines) follows through `move_state`.
+        out = super()._apply(fn, recurse)
+        self.move_state(fn(torch.empty(0)).device)
+        return out
+
+    def move_state(self, device: torch.device) -> None:
+        """Move non-parameter state (e.g. training images, banks) to `device`; nothing by default."""
+
     def extra_repr(self) -> str:
         return f"image_shape={self.image_shape}, config={self.config}"

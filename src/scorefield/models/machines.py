@@ -58,7 +58,7 @@ class PatchSchedule:
             raise ModelConfigError(f"a patch schedule needs one size per grid point, got {len(sizes)} sizes "
                                    f"for {len(alpha_bars)} grid points")
         self.sizes = [check_patch_size(p) for p in sizes]
-        self.alpha_bars = torch.as_tensor([float(v) for v in alpha_bars], dtype=torch.float64)
+        self.alpha_bars = torch.tensor([float(v) for v in alpha_bars], dtype=torch.float64, device="cpu")
 
     def __call__(self, alpha_bar: float) -> int:
         return self.sizes[int((self.alpha_bars - float(alpha_bar)).abs().argmin())]
@@ -77,7 +77,7 @@ def calibrated_patch_schedule(sizes: Sequence[int], schedule: str = "cosine") ->
     Step i = 1…n of an n-step sampler on the uniform grid evaluates the denoiser at t = i/n (t = 1 is pure
     noise), so sizes[i−1] belongs to ᾱ(i/n) — the released code stored it there but read it at index i."""
     n = len(sizes)
-    t = torch.arange(1, n + 1, dtype=torch.float64) / n
+    t = torch.arange(1, n + 1, dtype=torch.float64, device="cpu") / n
     return PatchSchedule(sizes, get_schedule(schedule).alpha_bar(t).tolist())
 
 
@@ -138,30 +138,39 @@ class _Conditioned:
         if conditional and data.labels is None:
             raise ModelConfigError(f"conditional=True needs a labelled dataset; '{data.name}' has no labels")
         self.data, self.conditional, self.build = data, conditional, build
+        self.device = data.images.device
         self._cache: dict[int | None, tuple[Any, Tensor]] = {}
+
+    def to(self, device: torch.device) -> None:
+        """Build on `device` from now on and move what was built (engines or image tensors) there."""
+        self.device = device
+        self._cache = {label: (built.to(device), index) for label, (built, index) in self._cache.items()}
 
     def get(self, label: int | None) -> tuple[Any, Tensor]:
         """(engine, dataset indices of its images)."""
         if label not in self._cache:
+            host = self.data.images.device
             if label is None:
-                index = torch.arange(len(self.data))
+                index = torch.arange(len(self.data), device=host)
             else:
-                index = torch.nonzero(self.data.labels == label).reshape(-1)
+                index = torch.nonzero(self.data.labels.to(host) == label).reshape(-1)
                 if index.numel() == 0:
                     raise DenoiserInputError(f"no training image has label {label}")
-            self._cache[label] = (self.build(self.data.images[index]), index)
+            self._cache[label] = (self.build(self.data.images[index].to(self.device)), index.to(self.device))
         return self._cache[label]
 
 
 def _split_batch(ab: Tensor, labels: Tensor | None, conditional: bool,
                  size_of: Callable[[float], int] | None) -> dict[tuple[int | None, int], Tensor]:
-    """Sample indices grouped by (label or None, patch size)."""
+    """Sample indices (on ᾱ's device) grouped by (label or None, patch size)."""
     groups: dict[tuple[int | None, int], list[int]] = {}
-    for i in range(ab.shape[0]):
-        label = int(labels[i]) if conditional and labels is not None else None
-        size = size_of(float(ab[i])) if size_of is not None else 0
+    host_ab = ab.tolist()
+    host_labels = labels.tolist() if conditional and labels is not None else None
+    for i, value in enumerate(host_ab):
+        label = int(host_labels[i]) if host_labels is not None else None
+        size = size_of(float(value)) if size_of is not None else 0
         groups.setdefault((label, size), []).append(i)
-    return {k: torch.tensor(v) for k, v in groups.items()}
+    return {k: torch.tensor(v, device=ab.device) for k, v in groups.items()}
 
 
 class _BatchSplitMachine(Denoiser):
@@ -191,14 +200,20 @@ class _BatchSplitMachine(Denoiser):
                                 provenance: bool = True) -> tuple[Tensor, Tensor | None]:
         """(x̂₀ [B, C, H, W], provenance whose [..., 0] is the dataset index of each arg-max source)."""
         x, alpha_bar, labels = self.validate_call(x, alpha_bar, labels)
-        out = torch.empty_like(x)
-        prov = torch.full(self._provenance_shape(x), -1, dtype=torch.int64) if provenance else None
-        for (label, size), idx in _split_batch(alpha_bar, labels, self.conditional, self._size_of).items():
-            out[idx], p, index = self._part(label, size, x[idx], alpha_bar[idx], provenance)
+        groups = _split_batch(alpha_bar, labels, self.conditional, self._size_of)
+        prov = torch.full(self._provenance_shape(x), -1, dtype=torch.int64, device=x.device) if provenance else None
+        outs, where = [], []
+        for (label, size), idx in groups.items():
+            out, p, index = self._part(label, size, x[idx], alpha_bar[idx], provenance)
+            outs.append(out)
+            where.append(idx)
             if provenance:
                 p[..., 0] = index[p[..., 0].clamp_min(0)]   # subset-local image index -> dataset index
                 prov[idx] = p
-        return out, prov
+        if len(outs) == 1:
+            return outs[0], prov
+        # out of place, so that autograd follows every part back to x
+        return torch.cat(outs)[torch.argsort(torch.cat(where))], prov
 
 
 class PatchMachine(_BatchSplitMachine):
@@ -219,6 +234,9 @@ class PatchMachine(_BatchSplitMachine):
             images, grouping=grouping, padding=padding, valid_only=valid_only, dtype=dtype,
             chunk_images=chunk_images, memory_budget=memory_budget, cache=cache, topk=topk, prune=prune,
             cross_term=cross_term))
+
+    def move_state(self, device: torch.device) -> None:
+        self.engines.to(device)
 
     def patch_size_at(self, alpha_bar: float) -> int:
         return self.size_of(float(alpha_bar))
@@ -247,6 +265,9 @@ class ImageMachine(_BatchSplitMachine):
         self.name, self.conditional, self.translates = name, bool(conditional), translates
         self.options = dict(dtype=dtype, chunk_images=chunk_images, memory_budget=memory_budget, topk=topk)
         self.images = _Conditioned(data, conditional, lambda images: images)
+
+    def move_state(self, device: torch.device) -> None:
+        self.images.to(device)
 
     def _provenance_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[0], 3)                            # (dataset image, shift y, shift x) of the arg-max
@@ -305,6 +326,9 @@ class DictionaryMachine(Denoiser):
                                                    "dtype": str(dtype).replace("torch.", "")})
         self.bank, self.patch_size, self.padding = bank, patch_size, padding
         self.dtype, self.topk, self.memory_budget = dtype, topk, memory_budget
+
+    def move_state(self, device: torch.device) -> None:
+        self.bank = self.bank.to(device)
 
     def forward(self, x: Tensor, alpha_bar: Tensor | float, labels: Tensor | None = None) -> Tensor:
         x, ab, labels = check_denoiser_inputs(x, alpha_bar, labels)   # any lattice size
@@ -437,8 +461,8 @@ def build_dictionary(data: ImageSet, patch_size: int | None = None, padding: str
                 raise ModelConfigError("priors given without patterns")
             size = check_patch_size(5 if patch_size is None else patch_size)
             gb = group_layout("shared", data.height, data.width, size)[0]
-            bank = build_cached_bank(StreamedPatches(data.images, torch.zeros(len(data)), size, padding,
-                                                     gb.key_locs))
+            bank = build_cached_bank(StreamedPatches(
+                data.images, torch.zeros(len(data), device=data.images.device), size, padding, gb.key_locs))
             channels = data.channels
         else:
             bank, channels, size = _dictionary_bank(patterns, priors, patch_size)
@@ -458,11 +482,12 @@ def _dictionary_bank(patterns: Tensor, priors: Tensor | None,
     k, c, size = pats.shape[0], pats.shape[1], check_patch_size(pats.shape[-1])
     if patch_size is not None and patch_size != size:
         raise ModelConfigError(f"patch_size={patch_size} disagrees with the {size}×{size} patterns")
-    pri = torch.full((k,), 1.0 / k) if priors is None else torch.as_tensor(priors, dtype=torch.float64)
+    pri = (torch.full((k,), 1.0 / k, dtype=torch.float64, device=pats.device) if priors is None
+           else torch.as_tensor(priors, dtype=torch.float64, device=pats.device))
     if pri.shape != (k,) or not (pri > 0).all() or not torch.isfinite(pri).all():
         raise ModelConfigError(f"priors must be [K]=[{k}] positive numbers, got {pri.tolist()}")
     keys = pats.reshape(1, k, -1)
-    sources = torch.stack([torch.arange(k), torch.zeros(k, dtype=torch.int64),
-                           torch.zeros(k, dtype=torch.int64)], -1)[None]
+    sources = torch.stack([torch.arange(k, device=pats.device), torch.zeros(k, dtype=torch.int64, device=pats.device),
+                           torch.zeros(k, dtype=torch.int64, device=pats.device)], -1)[None]
     bank = CachedBank(keys, torch.log(pri).to(torch.float32)[None], keys[..., centre_columns(c, size)], sources)
     return bank, c, size

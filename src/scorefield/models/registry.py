@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..data import ImageSet
 from .base import Denoiser
 
@@ -27,12 +29,19 @@ def available_models() -> list[str]:
     return sorted(MODELS)
 
 
-def make(name: str, data: ImageSet, **options: Any) -> Denoiser:
-    """Build the denoiser registered as `name` for the dataset `data` (see DESIGN.md for the names)."""
+def make(name: str, data: ImageSet, device: torch.device | str | None = None, **options: Any) -> Denoiser:
+    """Build the denoiser registered as `name` for the dataset `data` (see DESIGN.md for the names), on
+    `device` (default: where `data.images` lives). Machines keep their banks there; every call returns its
+    output on the input's device."""
     if name not in MODELS:
         raise ModelConfigError(f"unknown model '{name}'; available: {', '.join(available_models())}")
     if not isinstance(data, ImageSet):
         raise ModelConfigError(f"make('{name}', data): data must be an sf.data.ImageSet, got {type(data).__name__}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ModelConfigError(f"make('{name}', device={device!r}): not a torch device ({exc})") from None
     model = MODELS[name](data, **options)
     model.config = {"name": name, **{k: v for k, v in options.items()}, **model.config}
-    return model
+    return model.to(device if device is not None else data.images.device)
