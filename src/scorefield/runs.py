@@ -25,11 +25,11 @@ class RunError(RuntimeError):
     """A run directory is missing, malformed, or a write would overwrite a result."""
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, np.generic):
@@ -129,7 +129,7 @@ class RunDir:
     # ---- writing -----------------------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any, replace: bool = False) -> Path:
         target = self._target(name, replace)
-        atomic_write_bytes(target, (json.dumps(_jsonable(obj), indent=2) + "\n").encode())
+        atomic_write_bytes(target, (json.dumps(jsonable(obj), indent=2) + "\n").encode())
         return target
 
     def read_json(self, name: str) -> Any:
@@ -138,7 +138,7 @@ class RunDir:
     def log_metrics(self, **values: Any) -> None:
         """Append one JSON line to metrics.jsonl."""
         with open(self.path / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(_jsonable(values)) + "\n")
+            fh.write(json.dumps(jsonable(values)) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         path = self.path / "metrics.jsonl"

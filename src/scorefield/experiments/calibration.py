@@ -14,6 +14,8 @@ the lowest noise to the highest, the order the paper and `sf.models.make(patch_s
 A step where every candidate gives the same ε̂ for a sample (the flat first step from pure noise, where every
 machine returns its bank's prior mean) cannot identify a size: such samples have no best size, and a step where
 no sample has one takes the size of the nearest step that does (`undetermined` lists these steps).
+
+Every machine call is recorded in engine.jsonl (route, implementation, device, certified bounds; `engine_log`).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from ..models import Denoiser, ModelConfigError, make
 from ..models.machines import PatchSchedule
 from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
+from . import engine_log
 from .networks import denoiser_padding, describe_denoiser, resolve_labels
 
 PATCH_MACHINES = ("ls", "els", "bbels")
@@ -200,7 +203,7 @@ class _StepRecorder:
         if info["x0_hat"] is None:
             return
         step, x, x0_net = info["step"], info["x"], info["x0_hat"]
-        ab = torch.full((x.shape[0],), float(info["alpha_bar"]), dtype=x.dtype)
+        ab = torch.full((x.shape[0],), float(info["alpha_bar"]), dtype=x.dtype, device=x.device)
         path = f"steps/step-{step:03d}.npz"
         if self.run.exists(path):
             cos = self.run.load_arrays(path)["cosine"]
@@ -210,10 +213,12 @@ class _StepRecorder:
             rows = []
             for machine in self.machines.values():
                 eps = convert.eps_from_x0(x, machine(x, ab, self.labels), ab)
-                rows.append(cosine_per_sample(eps, eps_net).numpy())
+                rows.append(cosine_per_sample(eps, eps_net).cpu().numpy())
                 self.bar.update(1)
             cos = np.stack(rows)                                     # [K, N]
             self.run.save_arrays(path, cosine=cos, t=info["t"], alpha_bar=info["alpha_bar"])
+            for size, machine in self.machines.items():
+                engine_log.record(self.run, machine, step=step, candidate_size=size)
         self.times.append(float(info["t"]))
         self.alpha_bars.append(float(info["alpha_bar"]))
         self.cosine.append(cos)
@@ -235,7 +240,8 @@ def _finish(run: RunDir, config: dict[str, Any], record: _StepRecorder, seconds:
     run.save_table("schedule", cal.table(), replace=True,
                    title=f"Calibrated {cal.machine} patch size per sampler step (step 0 = pure noise)")
     run.write_json("summary.json", {"patch_sizes_lowest_noise_first": cal.patch_sizes,
-                                    "undetermined_steps": undetermined, "seconds": seconds}, replace=True)
+                                    "undetermined_steps": undetermined, "seconds": seconds,
+                                    "engine": engine_log.summarize(run)}, replace=True)
     from ..analysis.calibration_figure import calibration_figure
 
     run.save_figure("schedule", calibration_figure(cal), replace=True)

@@ -12,7 +12,8 @@ determination, is the headline; Pearson r beside it). The run directory holds:
     per_sample.csv / .md            r² and Pearson r of every theory on every sample (the numbers behind figures)
     scatter.png                     each theory's r² against the IS baseline's, one dot per sample
     grid-XX.png                     network / theory / … / IS, 16 samples per page, each with its r² below
-    summary.json                    headline numbers and the network samples' value range
+    summary.json                    headline numbers, the network samples' value range, the engine routes used
+    engine.jsonl                    which route, implementation and device served every engine call, with bounds
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from ..models import Denoiser, ModelConfigError, make
 from ..models.machines import PatchSchedule, calibrated_patch_schedule
 from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
+from . import engine_log
 from .calibration import PATCH_MACHINES, Calibration
 from .networks import denoiser_padding, describe_denoiser, resolve_labels
 
@@ -136,6 +138,7 @@ def _samples_of(run: RunDir, label: str, model: Denoiser, noise: torch.Tensor, s
                             **sampling))
     out = torch.cat(parts)
     run.save_arrays(path, samples=out, seeds=np.asarray(seeds))
+    engine_log.record(run, model, denoiser=label)
     run.log_metrics(denoiser=label, seconds=time.perf_counter() - tic, n=len(seeds))
     return out
 
@@ -151,7 +154,8 @@ def _score(run: RunDir, samples: dict[str, torch.Tensor], names: list[str], seed
     run.save_table("per_sample", rows, replace=True)
     summary = {"median_r2": {r["theory"]: r["r2_median"] for r in table},
                "median_pearson": {r["theory"]: r["pearson_median"] for r in table},
-               "network_sample_min": float(net.min()), "network_sample_max": float(net.max()), "n": len(seeds)}
+               "network_sample_min": float(net.min()), "network_sample_max": float(net.max()), "n": len(seeds),
+               "engine": engine_log.summarize(run)}
     run.write_json("summary.json", summary, replace=True)
     from ..analysis.prediction_figures import comparison_grid, scatter_vs_baseline
 

@@ -3,7 +3,8 @@
 Writes config.json, environment.json, batches/batch-XXXX.npz (one per finished batch: an interrupted run
 resumes from them and loses no finished batch), samples.npz, samples.png, nearest.png (each sample over its
 nearest training image), memorization.csv/.md (nearest index and RMS distance per sample), summary.json and
-metrics.jsonl; optionally trajectories (x and x̂₀ at every step) in the batch files.
+metrics.jsonl, engine.jsonl (which route, implementation and device served every engine call, with its
+certified bounds; see `engine_log`); optionally trajectories (x and x̂₀ at every step) in the batch files.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
 from ..runs import RunDir, RunError
 from ..sampling import Guidance, initial_noise, sample
+from . import engine_log
 
 
 @dataclass
@@ -143,6 +145,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
             arrays["trajectory_x"] = torch.stack(recorder.x, 1)      # [b, steps, C, H, W]
             arrays["trajectory_x0_hat"] = torch.stack(recorder.x0_hat, 1)
         run.save_arrays(_batch_name(b), **arrays)
+        engine_log.record(run, model, batch=b)
         run.log_metrics(batch=b, n=len(batch_seeds), seconds=time.perf_counter() - tic)
     finish_run(run, data)
     return run
@@ -170,7 +173,8 @@ def finish_run(run: RunDir, data: sf_data.ImageSet) -> dict[str, Any]:
              **({"label": int(arrays["labels"][i])} if "labels" in arrays else {})} for i in range(len(samples))]
     summary = {"n": len(samples), "median_rms_distance": float(distance.median()),
                "max_rms_distance": float(distance.max()),
-               "fraction_memorized(rms<0.01)": float((distance < 0.01).double().mean())}
+               "fraction_memorized(rms<0.01)": float((distance < 0.01).double().mean()),
+               "engine": engine_log.summarize(run)}
     if not run.exists("memorization.csv"):
         run.save_table("memorization", rows, title="Nearest training image of each sample (RMS per pixel)")
         run.write_json("summary.json", summary)

@@ -89,5 +89,10 @@ class Denoiser(torch.nn.Module):
     def move_state(self, device: torch.device) -> None:
         """Move non-parameter state (e.g. training images, banks) to `device`; nothing by default."""
 
+    def engine_log(self) -> list[dict[str, Any]]:
+        """The engine calls since the last call of this method (route, implementation, device, bounds; see
+        `scorefield.experiments.engine_log`), and forget them. Denoisers without an engine return []."""
+        return []
+
     def extra_repr(self) -> str:
         return f"image_shape={self.image_shape}, config={self.config}"

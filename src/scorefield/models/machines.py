@@ -38,6 +38,7 @@ from ..engine import (
     noise_coefficients,
     softmax_posterior,
 )
+from ..engine.gemm_route import fold_path
 from ..schedules import get_schedule
 from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
 from .registry import ModelConfigError, register_model
@@ -141,6 +142,9 @@ class _Conditioned:
         self.device = data.images.device
         self._cache: dict[int | None, tuple[Any, Tensor]] = {}
 
+    def items(self) -> list[tuple[int | None, tuple[Any, Tensor]]]:
+        return list(self._cache.items())
+
     def to(self, device: torch.device) -> None:
         """Build on `device` from now on and move what was built (engines or image tensors) there."""
         self.device = device
@@ -238,6 +242,13 @@ class PatchMachine(_BatchSplitMachine):
     def move_state(self, device: torch.device) -> None:
         self.engines.to(device)
 
+    def engine_log(self) -> list[dict[str, Any]]:
+        entries = []
+        for label, (engine, _) in self.engines.items():
+            entries += [{"label": label, **e} for e in engine.history]
+            engine.history = []
+        return entries
+
     def patch_size_at(self, alpha_bar: float) -> int:
         return self.size_of(float(alpha_bar))
 
@@ -265,9 +276,14 @@ class ImageMachine(_BatchSplitMachine):
         self.name, self.conditional, self.translates = name, bool(conditional), translates
         self.options = dict(dtype=dtype, chunk_images=chunk_images, memory_budget=memory_budget, topk=topk)
         self.images = _Conditioned(data, conditional, lambda images: images)
+        self._log: list[dict[str, Any]] = []
 
     def move_state(self, device: torch.device) -> None:
         self.images.to(device)
+
+    def engine_log(self) -> list[dict[str, Any]]:
+        entries, self._log = self._log, []
+        return entries
 
     def _provenance_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[0], 3)                            # (dataset image, shift y, shift x) of the arg-max
@@ -277,6 +293,10 @@ class ImageMachine(_BatchSplitMachine):
         images, index = self.images.get(label)
         result = image_posterior(x, alpha_bar, images, translates=self.translates,
                                  return_provenance=provenance, **self.options)
+        differentiable = torch.is_grad_enabled() and x.requires_grad and not provenance
+        self._log.append({"label": label, "cross_term": "image", "device": str(x.device),
+                          "fold": fold_path(self.options["dtype"], x.device, differentiable),
+                          "alpha_bar": alpha_bar.tolist(), "neglected_bound": 0.0})
         return (*result, index) if provenance else (result, None, index)
 
 
