@@ -5,6 +5,15 @@ Every sampler is a function
 walking the descending time grid `ts` [n+1] of `schedule` from the noise `x` [B, C, H, W] (the VP state at
 ts[0]) and returning the final samples. `model` follows the one denoiser convention
 model(x, alpha_bar[B], labels) -> x̂₀. Samplers are registered in SAMPLERS; the CLI's choices come from it.
+
+Precision. Every sampler keeps its state x, the coefficients ᾱ, σ, γ and all update arithmetic in float64
+(STATE_DTYPE), whatever dtype the noise has; that dtype is the denoiser's working dtype: the model is called with
+x and ᾱ [B] cast to it, its x̂₀ is cast back to float64 for the update, and the final samples are returned in it.
+This is what NVlabs/edm does (generate.py, edm_sampler: `x_next = latents.to(torch.float64) * t_steps[0]`,
+`denoised = net(x_hat, t_hat, class_labels).to(torch.float64)`, while the network runs in float32). A float32
+denoiser may so be handed ᾱ = 1.0 at fine noise levels (1 − ᾱ below ≈ 6e-8 rounds away in float32) while the
+sampler's own 1 − ᾱ is float64 and positive; only grids that float64 cannot resolve are refused
+(`check_grid_resolvable`). Trajectory callbacks receive x and x̂₀ in the working dtype (see `_report`).
 """
 from __future__ import annotations
 
@@ -24,6 +33,9 @@ Callback = Callable[[dict[str, Any]], None]
 Sampler = Callable[..., Tensor]
 
 SAMPLERS: dict[str, Sampler] = {}
+
+# The dtype of every sampler's state x and of its update arithmetic (the denoiser keeps the noise's dtype).
+STATE_DTYPE = torch.float64
 
 # ODE / SDE samplers start where EDM does, σ_VE = 80 (ᾱ ≈ 1.6e-4): the drift coefficient γ_t of a schedule
 # whose ᾱ reaches 0 diverges there.
@@ -118,13 +130,26 @@ def clipped(model: Denoise, clip_x0: bool) -> Denoise:
 # ---- samplers --------------------------------------------------------------------------------------------
 
 def _ab(schedule: Schedule, t: Tensor | float, batch: int, like: Tensor) -> Tensor:
-    """ᾱ(t) as a [B] tensor in x's dtype."""
-    return schedule.alpha_bar(torch.as_tensor(t, dtype=torch.float64)).to(like.dtype).expand(batch).to(like.device)
+    """ᾱ(t) as a float64 [B] tensor on x's device (the sampler's coefficient; `_denoise` casts it for the model)."""
+    ab = schedule.alpha_bar(torch.as_tensor(t, dtype=torch.float64)).to(STATE_DTYPE)
+    return ab.expand(batch).to(like.device)
 
 
-def _report(callback: Callback | None, step: int, t: float, ab: Tensor, x: Tensor, x0: Tensor | None) -> None:
+def _denoise(model: Denoise, x: Tensor, ab: Tensor, labels: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """x̂₀ [B, C, H, W] in float64 from the denoiser run in its working dtype: the float64 state x [B, C, H, W] and
+    ᾱ [B] are cast to `dtype` for the call (ᾱ may round to 1 there; the sampler's own 1 − ᾱ stays float64)."""
+    return model(x.to(dtype), ab.to(dtype), labels).to(STATE_DTYPE)
+
+
+def _report(callback: Callback | None, step: int, t: float, ab: Tensor, x: Tensor, x0: Tensor | None,
+            dtype: torch.dtype) -> None:
+    """Hand step `step` to the callback: t and alpha_bar as Python floats (ᾱ of the float64 grid), x and x0_hat
+    [B, C, H, W] in the denoiser's working dtype `dtype` (the noise's dtype), x being exactly the tensor the
+    model was called with; x0_hat is None at the final state. Cast alpha_bar to x's dtype to get the ᾱ the
+    model saw."""
     if callback is not None:
-        callback({"step": step, "t": float(t), "alpha_bar": float(ab[0]), "x": x, "x0_hat": x0})
+        callback({"step": step, "t": float(t), "alpha_bar": float(ab[0]), "x": x.to(dtype),
+                  "x0_hat": None if x0 is None else x0.to(dtype)})
 
 
 @register_sampler("ddim")
@@ -132,31 +157,33 @@ def sample_ddim(model: Denoise, x: Tensor, ts: Tensor, schedule: Schedule, label
                 callback: Callback | None = None, generators: Sequence[torch.Generator] | None = None,
                 eta: float = 0.0, progress: bool = False) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12): x_{i+1} = √ᾱ_{i+1} x̂₀ + √(1−ᾱ_{i+1}−σ_i²) ε̂ + σ_i z,
-    σ_i = η √((1−ᾱ_{i+1})/(1−ᾱ_i)) √(1−ᾱ_i/ᾱ_{i+1}); η = 0 is deterministic (the papers' 20-step sampler)."""
+    σ_i = η √((1−ᾱ_{i+1})/(1−ᾱ_i)) √(1−ᾱ_i/ᾱ_{i+1}); η = 0 is deterministic (the papers' 20-step sampler).
+    State and update in float64, the model in x's dtype; returns x's dtype (module docstring, "Precision")."""
     if eta > 0 and generators is None:
         raise SamplingError("DDIM with eta > 0 needs per-sample generators (pass seeds)")
-    B = x.shape[0]
+    B, dtype = x.shape[0], x.dtype
+    x = x.to(STATE_DTYPE)                                                     # x: [B, C, H, W] float64
     for i in tqdm(range(len(ts) - 1), desc="ddim", disable=not progress, leave=False):
-        ab, ab_next = _ab(schedule, ts[i], B, x), _ab(schedule, ts[i + 1], B, x)
-        x0 = model(x, ab, labels)                                             # 1. denoise
-        _report(callback, i, ts[i], ab, x, x0)
+        ab, ab_next = _ab(schedule, ts[i], B, x), _ab(schedule, ts[i + 1], B, x)   # [B] float64
+        x0 = _denoise(model, x, ab, labels, dtype)                            # 1. denoise
+        _report(callback, i, ts[i], ab, x, x0, dtype)
         eps = convert.eps_from_x0(x, x0, ab)                                  # 2. implied noise
         sigma = eta * ((1 - ab_next) / (1 - ab).clamp_min(1e-20)).sqrt() * (1 - ab / ab_next).clamp_min(0).sqrt()
         c = convert._per_sample
         x = c(ab_next.sqrt(), x) * x0 + c((1 - ab_next - sigma**2).clamp_min(0).sqrt(), x) * eps  # 3. step
         if eta > 0:
-            x = x + c(sigma, x) * per_sample_normal(x.shape[1:], generators, like=x)
-    _report(callback, len(ts) - 1, ts[-1], _ab(schedule, ts[-1], B, x), x, None)
-    return x
+            x = x + c(sigma, x) * per_sample_normal(x.shape[1:], generators, like=x)   # same draws, cast
+    _report(callback, len(ts) - 1, ts[-1], _ab(schedule, ts[-1], B, x), x, None, dtype)
+    return x.to(dtype)
 
 
-def _pf_drift(model: Denoise, x: Tensor, t: Tensor, schedule: Schedule, labels: Tensor | None
-              ) -> tuple[Tensor, Tensor, Tensor]:
-    """Probability-flow velocity dx/dt = −γ_t (x + s) (kamb-ganguli eq. 19); returns (v, x̂₀, ᾱ)."""
-    B = x.shape[0]
-    ab = _ab(schedule, t, B, x)
-    x0 = model(x, ab, labels)
-    gamma = schedule.gamma(torch.as_tensor(t, dtype=torch.float64)).to(x.dtype)
+def _pf_drift(model: Denoise, x: Tensor, t: Tensor, schedule: Schedule, labels: Tensor | None,
+              dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Probability-flow velocity dx/dt = −γ_t (x + s) (kamb-ganguli eq. 19) at the float64 state x [B, C, H, W],
+    the model run in `dtype`; returns (v, x̂₀, ᾱ [B]), all float64."""
+    ab = _ab(schedule, t, x.shape[0], x)
+    x0 = _denoise(model, x, ab, labels, dtype)
+    gamma = schedule.gamma(torch.as_tensor(t, dtype=torch.float64)).to(STATE_DTYPE)
     return convert.drift_from_x0(x, x0, ab, gamma), x0, ab
 
 
@@ -164,13 +191,16 @@ def _pf_drift(model: Denoise, x: Tensor, t: Tensor, schedule: Schedule, labels: 
 def sample_pf_euler(model: Denoise, x: Tensor, ts: Tensor, schedule: Schedule, labels: Tensor | None = None,
                     callback: Callback | None = None, generators: Sequence[torch.Generator] | None = None,
                     progress: bool = False) -> Tensor:
-    """Probability-flow ODE (eq. 13, 19) integrated backward in t with Euler steps."""
+    """Probability-flow ODE (eq. 13, 19) integrated backward in t with Euler steps; state in float64, the model
+    in x's dtype, samples returned in x's dtype (module docstring, "Precision")."""
+    dtype = x.dtype
+    x = x.to(STATE_DTYPE)                                                     # x: [B, C, H, W] float64
     for i in tqdm(range(len(ts) - 1), desc="euler", disable=not progress, leave=False):
-        v, x0, ab = _pf_drift(model, x, ts[i], schedule, labels)
-        _report(callback, i, ts[i], ab, x, x0)
+        v, x0, ab = _pf_drift(model, x, ts[i], schedule, labels, dtype)
+        _report(callback, i, ts[i], ab, x, x0, dtype)
         x = x + (ts[i + 1] - ts[i]).item() * v
-    _report(callback, len(ts) - 1, ts[-1], _ab(schedule, ts[-1], x.shape[0], x), x, None)
-    return x
+    _report(callback, len(ts) - 1, ts[-1], _ab(schedule, ts[-1], x.shape[0], x), x, None, dtype)
+    return x.to(dtype)
 
 
 @register_sampler("heun")
@@ -178,19 +208,22 @@ def sample_pf_heun(model: Denoise, x: Tensor, ts: Tensor, schedule: Schedule, la
                    callback: Callback | None = None, generators: Sequence[torch.Generator] | None = None,
                    progress: bool = False) -> Tensor:
     """Probability-flow ODE with Heun's 2nd-order method (trapezoidal correction); the last step is Euler when
-    it ends at ᾱ = 1, where the score is undefined."""
+    it ends at ᾱ = 1 (in float64), where the score is undefined. State in float64, the model in x's dtype, samples
+    returned in x's dtype (module docstring, "Precision")."""
+    dtype = x.dtype
+    x = x.to(STATE_DTYPE)                                                     # x: [B, C, H, W] float64
     for i in tqdm(range(len(ts) - 1), desc="heun", disable=not progress, leave=False):
         dt = (ts[i + 1] - ts[i]).item()
-        v, x0, ab = _pf_drift(model, x, ts[i], schedule, labels)
-        _report(callback, i, ts[i], ab, x, x0)
+        v, x0, ab = _pf_drift(model, x, ts[i], schedule, labels, dtype)
+        _report(callback, i, ts[i], ab, x, x0, dtype)
         x_euler = x + dt * v
-        if float(schedule.alpha_bar(ts[i + 1])) < 1.0:
-            v_next, _, _ = _pf_drift(model, x_euler, ts[i + 1], schedule, labels)
+        if float(schedule.alpha_bar(torch.as_tensor(ts[i + 1], dtype=torch.float64))) < 1.0:
+            v_next, _, _ = _pf_drift(model, x_euler, ts[i + 1], schedule, labels, dtype)
             x = x + dt * 0.5 * (v + v_next)
         else:
             x = x_euler
-    _report(callback, len(ts) - 1, ts[-1], _ab(schedule, ts[-1], x.shape[0], x), x, None)
-    return x
+    _report(callback, len(ts) - 1, ts[-1], _ab(schedule, ts[-1], x.shape[0], x), x, None, dtype)
+    return x.to(dtype)
 
 
 @register_sampler("sde")
@@ -199,24 +232,27 @@ def sample_sde_euler_maruyama(model: Denoise, x: Tensor, ts: Tensor, schedule: S
                               generators: Sequence[torch.Generator] | None = None, progress: bool = False,
                               denoise_last: bool = True) -> Tensor:
     """Reverse SDE dx = [−γx − 2γ s] dt + √(2γ) dW̄ (criticality paper eq. 58 with γ = β/2), Euler–Maruyama
-    x_{k+1} = x_k + b Δt + √(2γ|Δt|) η_k (eq. 60). The last step adds no noise when `denoise_last`."""
+    x_{k+1} = x_k + b Δt + √(2γ|Δt|) η_k (eq. 60). The last step adds no noise when `denoise_last`. State and
+    update in float64, the model in x's dtype, samples returned in x's dtype (module docstring, "Precision"); η_k
+    are drawn exactly as before the float64 state (same generator calls, then cast), so seeds give the same noise."""
     if generators is None:
         raise SamplingError("the SDE sampler needs per-sample generators (pass seeds)")
-    B = x.shape[0]
+    B, dtype = x.shape[0], x.dtype
+    x = x.to(STATE_DTYPE)                                                     # x: [B, C, H, W] float64
     n = len(ts) - 1
     for i in tqdm(range(n), desc="sde", disable=not progress, leave=False):
         t = torch.as_tensor(ts[i], dtype=torch.float64)
         dt = (ts[i + 1] - ts[i]).item()
-        ab = _ab(schedule, t, B, x)
-        x0 = model(x, ab, labels)
-        _report(callback, i, ts[i], ab, x, x0)
+        ab = _ab(schedule, t, B, x)                                           # [B] float64
+        x0 = _denoise(model, x, ab, labels, dtype)
+        _report(callback, i, ts[i], ab, x, x0, dtype)
         gamma = float(schedule.gamma(t))
-        b = -gamma * x - 2 * gamma * convert.score_from_x0(x, x0, ab)
+        b = -gamma * x - 2 * gamma * convert.score_from_x0(x, x0, ab)       # drift of eq. 58
         x = x + b * dt
         if not (denoise_last and i == n - 1):
             x = x + (2 * gamma * abs(dt)) ** 0.5 * per_sample_normal(x.shape[1:], generators, like=x)
-    _report(callback, n, ts[-1], _ab(schedule, ts[-1], B, x), x, None)
-    return x
+    _report(callback, n, ts[-1], _ab(schedule, ts[-1], B, x), x, None, dtype)
+    return x.to(dtype)
 
 
 @register_sampler("edm")
@@ -224,20 +260,22 @@ def sample_edm_heun(model: Denoise, x: Tensor, ts: Tensor, schedule: Schedule, l
                     callback: Callback | None = None, generators: Sequence[torch.Generator] | None = None,
                     progress: bool = False) -> Tensor:
     """EDM deterministic Heun sampler (Karras et al. 2022, Alg. 1) in VE coordinates y = x/√ᾱ, σ = σ_VE:
-    dy/dσ = (y − D(y; σ))/σ, with D the denoiser; the grid `ts` is converted to σ levels, the last σ is 0."""
+    dy/dσ = (y − D(y; σ))/σ, with D the denoiser; the grid `ts` is converted to σ levels, the last σ is 0.
+    As in NVlabs/edm, y and σ are float64 and the denoiser runs in x's dtype; samples are returned in x's dtype."""
     sig = schedule.sigma_ve(torch.as_tensor(ts, dtype=torch.float64))
-    sig[-1] = 0.0 if float(schedule.alpha_bar(ts[-1])) >= 1.0 - 1e-12 else sig[-1]
-    B = x.shape[0]
+    sig[-1] = 0.0 if float(schedule.alpha_bar(torch.as_tensor(ts[-1], dtype=torch.float64))) >= 1.0 - 1e-12 \
+        else sig[-1]
+    B, dtype = x.shape[0], x.dtype
 
     def D(y: Tensor, s: float) -> tuple[Tensor, Tensor]:
-        ab = torch.full((B,), 1.0 / (1.0 + s * s), dtype=y.dtype, device=y.device)
-        return model(y * ab.sqrt().reshape(-1, 1, 1, 1), ab, labels), ab
+        ab = torch.full((B,), 1.0 / (1.0 + s * s), dtype=STATE_DTYPE, device=y.device)   # [B] float64
+        return _denoise(model, y * ab.sqrt().reshape(-1, 1, 1, 1), ab, labels, dtype), ab
 
-    y = x / schedule.alpha(torch.as_tensor(ts[0], dtype=torch.float64)).item()
+    y = x.to(STATE_DTYPE) / schedule.alpha(torch.as_tensor(ts[0], dtype=torch.float64)).item()  # y: [B, C, H, W]
     for i in tqdm(range(len(sig) - 1), desc="edm", disable=not progress, leave=False):
         s, s_next = float(sig[i]), float(sig[i + 1])
         x0, ab = D(y, s)                                                      # 1. denoise at σ_i
-        _report(callback, i, ts[i], ab, y * ab[0].sqrt(), x0)
+        _report(callback, i, ts[i], ab, y * ab[0].sqrt(), x0, dtype)
         d = (y - x0) / s                                                      # 2. dy/dσ (Alg. 1 line 5)
         y_next = y + (s_next - s) * d                                         # 3. Euler step
         if s_next > 0:                                                        # 4. 2nd-order correction
@@ -246,8 +284,9 @@ def sample_edm_heun(model: Denoise, x: Tensor, ts: Tensor, schedule: Schedule, l
         y = y_next
     ab_end = 1.0 / (1.0 + float(sig[-1]) ** 2)
     x = y * ab_end**0.5
-    _report(callback, len(sig) - 1, ts[-1], torch.full((B,), ab_end), x, None)
-    return x
+    _report(callback, len(sig) - 1, ts[-1], torch.full((B,), ab_end, dtype=STATE_DTYPE, device=x.device), x, None,
+            dtype)
+    return x.to(dtype)
 
 
 # ---- the user-facing entry point ---------------------------------------------------------------------------
@@ -266,14 +305,17 @@ def default_grid(schedule: Schedule, steps: int, sampler: str, grid: str | None 
     return time_grid(schedule, steps, grid or "uniform", t_start=t_start)
 
 
-def check_grid_resolvable(schedule: Schedule, ts: Tensor, dtype: torch.dtype) -> None:
-    """Refuse a grid whose noise levels before the last step round to ᾱ = 1 in the working dtype (the
-    samplers would divide by 1 − ᾱ = 0); float64 noise resolves far finer grids than float32."""
-    ab = schedule.alpha_bar(ts[:-1]).to(dtype)
-    if (ab >= 1).any():
-        t_bad = float(ts[:-1][ab >= 1].max())
-        raise SamplingError(f"the time grid reaches t = {t_bad:.3g}, where 1 − ᾱ rounds to 0 in {dtype}; "
-                            "end the grid earlier or sample in float64 (float64 noise and dtype='float64' models)")
+def check_grid_resolvable(schedule: Schedule, ts: Tensor) -> None:
+    """Refuse a grid whose noise levels before the last step have 1 − ᾱ = 0 in float64, the samplers' state dtype
+    (they would divide by 1 − ᾱ = 0). The denoiser's own dtype does not matter: a float32 model handed ᾱ = 1.0
+    is fine, since the sampler's 1 − ᾱ is float64 (module docstring, "Precision"). The last time may reach ᾱ = 1."""
+    ab = schedule.alpha_bar(torch.as_tensor(ts[:-1], dtype=torch.float64)).to(STATE_DTYPE)
+    unresolved = (1 - ab) <= 0
+    if unresolved.any():
+        t_bad = float(ts[:-1][unresolved].max())
+        raise SamplingError(f"the time grid reaches t = {t_bad:.3g} before its last step, where 1 − ᾱ rounds to 0 "
+                            f"even in {STATE_DTYPE} (the samplers' state dtype); end the grid earlier "
+                            "(only its last time may reach ᾱ = 1)")
 
 
 def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim", schedule: str | Schedule = "cosine",
@@ -285,15 +327,23 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
 
     steps: number of steps; sampler: one of `available_samplers()`; schedule: name or Schedule;
     labels: [B] class labels for conditional models; callback(info) receives every intermediate state
-    (keys step, t, alpha_bar, x, x0_hat); guidance: classifier-free guidance scale or `Guidance` window;
-    seeds: one seed per sample for stochastic samplers (default 0..B-1); grid: 'uniform' | 'log' | 'karras';
-    ts: an explicit descending time grid (overrides steps/grid); clip_x0: clip every x̂₀ to [−1, 1] before the
-    sampler uses it (see `clipped`).
+    (keys step, t, alpha_bar, x, x0_hat; x and x0_hat in noise's dtype, alpha_bar a float, see `_report`);
+    guidance: classifier-free guidance scale or `Guidance` window; seeds: one seed per sample for stochastic
+    samplers (default 0..B-1); grid: 'uniform' | 'log' | 'karras'; ts: an explicit descending time grid
+    (overrides steps/grid); clip_x0: clip every x̂₀ to [−1, 1] before the sampler uses it (see `clipped`).
+
+    Precision (as in NVlabs/edm, which keeps the sampler in float64 while the network runs in float32): the
+    sampler's state, ᾱ / σ / γ and updates are float64; `model` (with guidance and clipping) is called in
+    noise's dtype, with x [B, C, H, W] and ᾱ [B] of that dtype; the samples come back in noise's dtype. So a
+    float32 model can walk fine grids, e.g. a log grid down to t = 1e-10, where its ᾱ rounds to 1.0; only a
+    grid with 1 − ᾱ = 0 in float64 before its last step is refused.
     """
     if sampler not in SAMPLERS:
         raise SamplingError(f"unknown sampler '{sampler}'; available: {', '.join(available_samplers())}")
     if not isinstance(noise, Tensor) or noise.ndim != 4:
         raise SamplingError(f"noise must be a [B, C, H, W] tensor, got {getattr(noise, 'shape', type(noise))}")
+    if not noise.is_floating_point():
+        raise SamplingError(f"noise must be a floating-point tensor (its dtype is the model's), got {noise.dtype}")
     if not torch.isfinite(noise).all():
         raise SamplingError("noise contains NaN or infinite values")
     sched = get_schedule(schedule)
@@ -301,7 +351,7 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
     grid_t = torch.as_tensor(grid_t, dtype=torch.float64)
     if grid_t.ndim != 1 or len(grid_t) < 2 or not (grid_t[1:] < grid_t[:-1]).all():
         raise SamplingError("the time grid must be a strictly decreasing 1-D sequence of at least 2 times")
-    check_grid_resolvable(sched, grid_t, noise.dtype)
+    check_grid_resolvable(sched, grid_t)
     B = noise.shape[0]
     seeds = list(seeds) if seeds is not None else list(range(B))
     if len(seeds) != B:

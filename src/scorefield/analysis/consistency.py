@@ -96,8 +96,9 @@ def diagnose_consistency(model: torch.nn.Module, noise: Tensor, steps: int = 20,
 
     The argmax of the posterior of eq. 8 / 10 / 40 at (x_t, ᾱ) is the nearest bank patch to x_t/√ᾱ, because its
     logits are −ᾱ‖x_t/√ᾱ − ϕ‖²/(2(1−ᾱ)); so the machine at ᾱ = 1 on x_t/√ᾱ gives the centre a sharp posterior
-    would have returned. Grids that reach 1−ᾱ below ≈ 1e-7 need float64 noise (and a float64 machine): the ᾱ
-    handed to a denoiser takes x's dtype, and in float32 it rounds to 1."""
+    would have returned. The sampler keeps its state in float64, so grids reaching 1−ᾱ below ≈ 1e-7 run with
+    float32 noise too; but the ᾱ handed to a denoiser takes the noise's dtype and rounds to 1 in float32, so a
+    diagnosis that must resolve such noise levels needs float64 noise (and a float64 machine)."""
     from .. import sampling
 
     calls: list[dict] = []
