@@ -1,4 +1,6 @@
-"""GPU paths (run with `pytest -m gpu` on a machine with CUDA; skipped by default and in CI)."""
+"""GPU paths (run with `pytest -m gpu` on a machine with CUDA; skipped by default and in CI).
+
+Every machine, guidance with machines, and gradients on CUDA against the same computation on the CPU (≤ 1e-4)."""
 import pytest
 import torch
 
@@ -7,23 +9,57 @@ import scorefield as sf
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
+MACHINES = [("is", {}), ("es", {}), ("ls", {"patch_size": 3}), ("els", {"patch_size": 5, "padding": "circular"}),
+            ("els", {"patch_size": 5, "cache": False}), ("els", {"patch_size": 5, "prune": True}),
+            ("els", {"patch_size": 3, "dtype": "float64"}), ("bbels", {"patch_size": 5, "padding": "zeros"}),
+            ("els", {"patch_size": 3, "conditional": True}), ("tanh", {"patch_size": 3}),
+            ("dictionary", {"patch_size": 3}), ("gaussian", {})]
+
 
 def small_data():
     g = torch.Generator().manual_seed(0)
     return sf.data.ImageSet(torch.rand(8, 1, 9, 9, generator=g) * 2 - 1, labels=torch.arange(8) % 2)
 
 
-@pytest.mark.parametrize("name,opts", [("is", {}), ("els", {"patch_size": 5, "padding": "circular"}),
-                                       ("bbels", {"patch_size": 5, "padding": "zeros"}),
-                                       ("gaussian", {})])
-def test_machines_on_cuda_match_cpu(name, opts):
-    model = sf.models.make(name, small_data(), **opts)
-    x = torch.randn(3, 1, 9, 9)
+def _inputs(conditional=False):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 9, 9, generator=g)
     ab = torch.tensor([0.2, 0.7, 0.99])
-    cpu = model(x, ab)
-    gpu = model.to("cuda")(x.cuda(), ab.cuda())
+    return x, ab, (torch.tensor([0, 1, 1]) if conditional else None)
+
+
+@pytest.mark.parametrize("name,opts", MACHINES, ids=[f"{n}-{o}" for n, o in MACHINES])
+def test_machines_on_cuda_match_cpu(name, opts):
+    x, ab, labels = _inputs(opts.get("conditional", False))
+    cpu = sf.models.make(name, small_data(), **opts)(x, ab, labels)
+    model = sf.models.make(name, small_data(), device="cuda", **opts)
+    gpu = model(x.cuda(), ab.cuda(), None if labels is None else labels.cuda())
     assert gpu.device.type == "cuda"
-    assert torch.allclose(gpu.cpu(), cpu, atol=1e-4)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
+    assert all(e["device"].startswith("cuda") for e in model.engine_log())
+
+
+def test_guided_sampling_with_a_conditional_machine_on_cuda_matches_cpu():
+    noise = sf.sampling.initial_noise(3, (1, 9, 9), seed=0)
+    y = torch.tensor([0, 1, 0])
+    guidance = sf.sampling.Guidance(scale=2.0, alpha_bar_min=0.2, alpha_bar_max=0.8)
+    cpu_model = sf.models.make("els", small_data(), patch_size=3, conditional=True)
+    gpu_model = sf.models.make("els", small_data(), patch_size=3, conditional=True, device="cuda")
+    cpu = sf.sampling.sample(cpu_model, noise, steps=8, labels=y, guidance=guidance)
+    gpu = sf.sampling.sample(gpu_model, noise.cuda(), steps=8, labels=y.cuda(), guidance=guidance)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,opts", [("els", {"patch_size": 3}), ("bbels", {"patch_size": 3}), ("is", {})])
+def test_gradients_on_cuda_match_cpu(name, opts):
+    x, ab, _ = _inputs()
+    grads = []
+    for device in ("cpu", "cuda"):
+        model = sf.models.make(name, small_data(), device=device, **opts)
+        xg = x.to(device).double().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xg, ab.to(device).double()).square().sum(), xg)
+        grads.append(g.cpu())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-8)
 
 
 def test_resnet_trains_a_step_on_cuda(tmp_path):
