@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import fused, kernels, pruning
 from .banks import ClusteredBank, KeySource
 from .errors import PatchMemoryError
+from .memory import check_fits
 
 Tensor = torch.Tensor
 
@@ -117,6 +118,8 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
                 and source.value_dim <= fused.MAX_VALUE_DIM and fused.available())
     plan = plan_memory(g, q, d, source.value_dim, source.num_keys, itemsize, track, memory_budget,
                        source.bytes_per_key_extra, chunk_keys, fused=in_cache)
+    check_fits(plan.estimate, queries.device, "the patch posterior",
+               "lower memory_budget (smaller chunks) or denoise fewer samples at once")
     source.set_chunk_keys(plan.chunk_keys)
     q_aug = augment_queries(queries, a, s2, dtype)                               # [G, Q, D+1]
     blocks = [(start, min(start + plan.query_block, q)) for start in range(0, q, plan.query_block)]
@@ -353,6 +356,7 @@ def differentiable_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: Key
             f"a differentiable call keeps about {need / 2**20:.0f} MiB of logits for the backward pass "
             f"({g * q} queries × {source.num_keys} keys), over the memory budget of {memory_budget / 2**20:.0f} "
             f"MiB; differentiate fewer samples at once, use fewer training images, or raise memory_budget")
+    check_fits(need, queries.device, "a differentiable call", "differentiate fewer samples at once")
     source.set_chunk_keys(max(1, min(source.num_keys, int(memory_budget // (16 * max(1, g * q))))))
     q_aug = augment_queries(queries, a, s2, torch.float64)                        # [G, Q, D+1]
     state = kernels.init_state((g, q), source.value_dim, torch.float64, queries.device)
