@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .patch_posterior import PatchPosterior
 
 Tensor = torch.Tensor
+HOST = torch.device("cpu")
 
 BOX_MIN_PATCH = 7                        # cross_term='auto' uses box sums from this patch size up,
 BOX_UNIQUE_FRACTION = 0.8                # ... and below it when this fraction of sampled patches is distinct
@@ -33,15 +34,17 @@ def box_eligible(engine: PatchPosterior, x: Tensor, patch_size: int) -> bool:
 
 def uses_box(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int, differentiable: bool) -> bool:
     """Whether this call runs on the box-sum kernel (see `PatchPosterior`'s `cross_term`)."""
+    if differentiable:
+        return False    # gradients always take the float64 autograd route, whatever cross_term forces
     eligible = box_eligible(engine, x, patch_size)
     if engine.cross_term == "box":
-        if not eligible or differentiable:
+        if not eligible:
             raise PatchConfigError("cross_term='box' needs the shared circular bank of all H·W patches "
-                                   f"(ELS), float32 on the CPU, no gradient, an odd P ≤ min(H, W) and W ≤ "
+                                   f"(ELS), float32 on the CPU, an odd P ≤ min(H, W) and W ≤ "
                                    f"{box.MAX_WIDTH}; got P={patch_size}, images {engine.image_shape}, grouping "
                                    f"{engine.grouping!r}, padding {engine.padding!r}, device {x.device}")
         return True
-    if engine.cross_term == "gemm" or not eligible or differentiable:
+    if engine.cross_term == "gemm" or not eligible:
         return False
     if patch_size < BOX_MIN_PATCH and unique_fraction(engine, patch_size) < BOX_UNIQUE_FRACTION:
         return False    # many duplicate patches (MNIST's background): the deduplicated GEMM path folds fewer
@@ -51,9 +54,10 @@ def uses_box(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int, dif
     if flat_logit_spread(q, a.repeat_interleave(hw)[None], s2.repeat_interleave(hw)[None],
                          engine.max_pixel) <= FLAT_LOGIT_SPREAD:
         return False    # the flat shortcut of the GEMM path folds no pairs at all
-    scale = box.fixed_scales(x, a, engine.images, patch_size)
-    grid_error = float((patch_size**2 / (2 * scale) / (2 * s2)).max())
-    return grid_error <= BOX_MAX_LOGIT_ERROR and box.available()
+    with HOST:   # the compiled kernel's own tensors are host memory, whatever the default device
+        scale = box.fixed_scales(x, a, engine.images, patch_size)
+        grid_error = float((patch_size**2 / (2 * scale) / (2 * s2)).max())
+        return grid_error <= BOX_MAX_LOGIT_ERROR and box.available()
 
 
 def unique_fraction(engine: PatchPosterior, patch_size: int) -> float:
@@ -75,9 +79,10 @@ def denoise_box(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int,
     if need > engine.memory_budget:
         raise PatchMemoryError(f"the box-sum kernel needs about {need / 2**20:.2f} MiB for {x.shape[0]} "
                                f"samples, over the memory budget of {engine.memory_budget / 2**20:.2f} MiB")
-    result = box.box_posterior(x, ab, engine.images, patch_size, log_weights=engine.log_weights,
-                               tolerance=engine.box_tolerance, provenance=provenance,
-                               chunk_images=engine.chunk_images, constant=engine.constant_keys(patch_size))
+    with HOST:
+        result = box.box_posterior(x, ab, engine.images, patch_size, log_weights=engine.log_weights,
+                                   tolerance=engine.box_tolerance, provenance=provenance,
+                                   chunk_images=engine.chunk_images, constant=engine.constant_keys(patch_size))
     pairs_total = x.shape[0] * h * w * n * h * w
     stats = {"patch_size": patch_size, "alpha_bar": ab.tolist(), "pairs_evaluated": result.folded,
              "pairs_total": pairs_total, "neglected_bound": result.neglected_bound,

@@ -19,6 +19,7 @@ __all__ = ["LOGIT_FLOOR", "SoftmaxState", "accumulate", "accumulate_reference", 
            "logits", "merge"]
 
 Tensor = torch.Tensor
+HOST = torch.device("cpu")
 
 
 def accumulate(state: SoftmaxState, queries: Tensor, keys: Tensor, bias: Tensor, values: Tensor,
@@ -34,7 +35,10 @@ def accumulate(state: SoftmaxState, queries: Tensor, keys: Tensor, bias: Tensor,
     """
     if keys.shape[-2] == 0:
         return state
-    fast = fused.try_accumulate(state, queries, keys, bias, values, scale, key_offset)
+    if queries.device.type != "cpu":
+        return accumulate_reference(state, queries, keys, bias, values, scale, key_offset)
+    with HOST:   # the compiled kernel's own tensors are host memory, whatever the default device
+        fast = fused.try_accumulate(state, queries, keys, bias, values, scale, key_offset)
     if fast is not None:
         return fast
     return accumulate_reference(state, queries, keys, bias, values, scale, key_offset)

@@ -238,7 +238,7 @@ class PatchPosterior:
     def constant_keys(self, patch_size: int) -> box.ConstantKeys | None:
         """The bank's constant patches, merged once per patch size (the box route folds them in closed form)."""
         if patch_size not in self._constant_keys:
-            if self._constant_value is None:
+            if self._constant_value is None:   # (host memory: only the compiled CPU route uses them)
                 self._constant_value = box.most_frequent_value(self.images)
             self._constant_keys[patch_size] = box.constant_keys(
                 self.images, self.log_weights.to(torch.float64), patch_size, self._constant_value)
