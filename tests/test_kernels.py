@@ -1,6 +1,7 @@
 """The streaming patch-posterior kernel: the fast path against the pure-torch oracle, and merge algebra."""
 from __future__ import annotations
 
+import functools
 import shutil
 
 import pytest
@@ -116,23 +117,52 @@ def test_extreme_logits():
     _assert_close_states(got, ref)
 
 
-def test_float64_matches_reference_exactly():
+def _brute_force(queries, keys, bias, values, scale):
+    """Σ_j softmax_j(ℓ_ij) v_j in float64 from the whole logits matrix ℓ = scale·q·kᵀ + bias: no streaming, no
+    running max, no code shared with `softmax` (scale: a number or one per group)."""
+    q, k, b, v = (t.to(torch.float64) for t in (queries, keys, bias, values))
+    scale = torch.as_tensor(scale, dtype=torch.float64)
+    if scale.ndim:
+        scale = scale[..., None, None]
+    return torch.softmax(scale * (q @ k.transpose(-1, -2)) + b[..., None, :], dim=-1) @ v
+
+
+def _chunked(state, queries, keys, bias, values, scale, chunks):
+    """One state per chunk of keys, folded separately and merged (as threads or devices would)."""
+    parts, start = [], 0
+    for size in chunks:
+        sl = slice(start, start + size)
+        parts.append(accumulate(state, queries, keys[..., sl, :], bias[..., sl], values[..., sl, :], scale,
+                                key_offset=start))
+        start += size
+    return functools.reduce(merge, parts)
+
+
+def test_float64_matches_brute_force():
     gen = torch.Generator().manual_seed(4)
-    queries, keys, bias, values = _problem(gen, (), 10, 50, 9, 3, dtype=torch.float64)
-    start = init_state((10,), 3, dtype=torch.float64)
-    ref = accumulate_reference(start, queries, keys, bias, values, 0.5)
-    got = accumulate(start, queries, keys, bias, values, 0.5)
-    assert torch.equal(finalize(got), finalize(ref))
+    queries, keys, bias, values = _problem(gen, (2,), 10, 50, 9, 3, dtype=torch.float64)
+    scale = torch.tensor([0.5, 0.2], dtype=torch.float64)                  # one per group
+    want = _brute_force(queries, keys, bias, values, scale)
+    start = init_state((2, 10), 3, dtype=torch.float64)
+    got = finalize(accumulate(start, queries, keys, bias, values, scale))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    merged = _chunked(start, queries, keys, bias, values, scale, [7, 1, 30, 12])
+    torch.testing.assert_close(finalize(merged), want, rtol=1e-12, atol=1e-14)
 
 
-def test_fallback_when_compiled_path_is_off(monkeypatch):
-    monkeypatch.setattr(fastkernel._KERNEL, "_state", "unavailable")
+@pytest.mark.parametrize("path", ["fallback", pytest.param("compiled", marks=needs_compiler)])
+def test_float32_matches_brute_force(path, monkeypatch):
+    if path == "fallback":
+        monkeypatch.setattr(fastkernel._KERNEL, "_state", "unavailable")
     gen = torch.Generator().manual_seed(5)
-    queries, keys, bias, values = _problem(gen, (), 10, 50, 9, 1)
-    start = init_state((10,), 1)
-    assert fastkernel.try_accumulate(start, queries, keys, bias, values, 0.5) is None
-    ref = accumulate_reference(start, queries, keys, bias, values, 0.5)
-    assert torch.equal(finalize(accumulate(start, queries, keys, bias, values, 0.5)), finalize(ref))
+    queries, keys, bias, values = _problem(gen, (), 10, 50, 9, 2)
+    start = init_state((10,), 2)
+    assert (fastkernel.try_accumulate(start, queries, keys, bias, values, 0.5) is None) == (path == "fallback")
+    want = _brute_force(queries, keys, bias, values, 0.5)
+    got = finalize(accumulate(start, queries, keys, bias, values, 0.5))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    merged = _chunked(start, queries, keys, bias, values, 0.5, [7, 1, 30, 12])
+    torch.testing.assert_close(finalize(merged).double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_input_state_is_not_modified_and_empty_chunk_is_identity():

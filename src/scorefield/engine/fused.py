@@ -31,7 +31,6 @@ LARGE_D = 64
 KEY_PANEL = 16  # keys per packed panel of the direct path (BLOCK_K is a multiple of it)
 
 
-
 @functools.cache
 def _sgemm_address() -> int | None:
     """Address of the Fortran sgemm_ that torch's own BLAS exports, if any (used for large D)."""
@@ -59,18 +58,24 @@ def available() -> bool:
 
 
 def _self_check() -> bool:
+    """The kernel against the reference on every branch it can take: the direct path (D ≤ 64) and the BLAS path,
+    each value dim 1..4, every remainder of the 6-row register block, a padded last key panel, two key tiles
+    (the running state rescaled between them) and top-k tracking on and off. Runs `_accumulate`, not
+    `try_accumulate`: the kernel is not yet `available()` while it is being checked."""
     gen = torch.Generator().manual_seed(0)
-    for dim in (9, DIRECT_MAX_DIM + 9):
-        q = torch.randn(37, dim, generator=gen)
-        k = torch.randn(301, dim, generator=gen)
-        b = torch.randn(301, generator=gen)
-        v = torch.randn(301, 3, generator=gen)
-        start = init_state((37,), 3, topk=4)
+    cases = [(dim, n_values) for dim in (9, DIRECT_MAX_DIM + 9) for n_values in range(1, MAX_VALUE_DIM + 1)]
+    for case, (dim, n_values) in enumerate(cases):
+        n_q, n_k, topk = 31 + case, BLOCK_K + 19, 4 * (n_values % 2)   # 31..38 rows: remainders 1..5 and 0
+        q = torch.randn(n_q, dim, generator=gen)
+        k = torch.randn(n_k, dim, generator=gen)
+        b = torch.randn(n_k, generator=gen)
+        v = torch.randn(n_k, n_values, generator=gen)
+        start = init_state((n_q,), n_values, topk=topk)
         ref = accumulate_reference(start, q, k, b, v, 0.3, key_offset=5)
-        got = try_accumulate(start, q, k, b, v, 0.3, key_offset=5)
+        got = _accumulate(start, q, k, b, v, 0.3, key_offset=5)
         if got is None or not torch.allclose(got.acc / got.l[:, None], ref.acc / ref.l[:, None], atol=1e-5):
             return False
-        if not torch.equal(got.topk_index, ref.topk_index):
+        if topk and not torch.equal(got.topk_index, ref.topk_index):
             return False
     return True
 
@@ -100,14 +105,22 @@ def _scale_vector(scale: float | Tensor, queries: Tensor, lead: tuple[int, ...],
 
 def try_accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: Tensor,
                    scale: float | Tensor, key_offset: int = 0):
-    """The compiled `accumulate`, or None when it does not apply (the caller then uses the reference)."""
+    """The compiled `accumulate`, or None when it does not apply (the caller then uses the reference).
+
+    dtype, device and autograd are checked before `available()`: float64 work never triggers a compile."""
     tensors = [queries, keys, bias, values, state.m, state.l, state.acc]
     if isinstance(scale, Tensor):
         tensors.append(scale)
-    if not _KERNEL.available():
-        return None
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in tensors):
         return None
+    if not _KERNEL.available():
+        return None
+    return _accumulate(state, queries, keys, bias, values, scale, key_offset)
+
+
+def _accumulate(state, queries: Tensor, keys: Tensor, bias: Tensor, values: Tensor, scale: float | Tensor,
+                key_offset: int):
+    """The library call of `try_accumulate` on float32 CPU tensors, or None for shapes it does not cover."""
     n_keys, dim, n_values = keys.shape[-2], queries.shape[-1], values.shape[-1]
     if not (0 < n_values <= MAX_VALUE_DIM) or keys.shape[-1] != dim or n_keys == 0:
         return None
