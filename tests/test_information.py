@@ -215,7 +215,7 @@ def test_snapping_late_ddim_states_follow_the_probability_flow_relaxation_not_eq
     assert literal.deviation[-1].abs().median() > 0.5                 # eq. 8 as printed moves away from φ*
     assert literal.rms_deviation[-1] > 100 * flow.deviation[-1, snapped].abs().max()
     with pytest.raises(ValueError, match="ᾱ = 1"):
-        info.snapping(torch.cat([states.x, states.x[-1:]]), target, alpha_bar=[*states.alpha_bar, 1.0])
+        info.snapping(torch.cat([states.x, states.x[-1:]]), target, alpha_bar=[*states.alpha_bar, 1.0], form="eq8")
 
 
 # ---- figure and bad input ----------------------------------------------------------------------------------------
