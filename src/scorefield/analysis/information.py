@@ -908,9 +908,12 @@ def _collapse_text(res: TwoPoint, quantity: str, rows: np.ndarray) -> str:
     return "collapse number (mean spread / range of the mean curve; 0 = one curve) " + ", ".join(numbers)
 
 
+# the EFT coefficients (eft.py) belong to the same public API: sf.analysis.information.eft_coefficients
+from .eft import eft_coefficients  # noqa: E402
+
 __all__ = [
     "ALPHA_BAR_FLOOR", "CollapseProfile", "InformationError", "RHO2_MAX", "Snapping", "States", "Trajectory",
     "TwoPoint", "collapse", "collapse_by_time", "collapse_score", "default_anchors", "gaussian_information",
     "information_figure", "moments_from_samples", "nearest_patch_centres", "periodic_d2", "radial_average",
-    "record", "record_states", "select_steps", "snap_prediction", "snapping", "two_point",
+    "eft_coefficients", "record", "record_states", "select_steps", "snap_prediction", "snapping", "two_point",
 ]
