@@ -88,3 +88,19 @@ def test_free_memory_of_the_cpu_is_known():
 
     free = free_bytes("cpu")
     assert free is None or free > 2**20
+
+
+def test_engine_progress_bars_follow_one_switch(capsys, monkeypatch):
+    from scorefield.engine import posterior, progress
+
+    monkeypatch.setattr(posterior, "PROGRESS_PAIRS", 0)           # every fold would show a bar
+    model = sf.models.make("els", _data(), patch_size=3, cross_term="gemm", cache=False)
+    x, ab, _ = _inputs(False)
+    progress.set_progress(False)
+    try:
+        model(x, ab)
+    finally:
+        progress.set_progress(True)
+    assert "patch posterior" not in capsys.readouterr().err
+    model(x, ab)
+    assert "patch posterior" in capsys.readouterr().err

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    if getattr(args, "no_progress", False):
+        from .engine.progress import set_progress
+
+        set_progress(False)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from . import progress as engine_progress
 from .build import CSRC, CompiledKernel
 
 Tensor = torch.Tensor
@@ -258,7 +259,8 @@ def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_si
     logw = torch.zeros(n, dtype=torch.float64) if log_weights is None \
         else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
     threshold = threshold_for(n * h * w, tolerance)
-    show = progress if progress is not None else b * n * (h * w) ** 2 > 4 * CHUNK_PAIRS
+    show = progress if progress is not None else (b * n * (h * w) ** 2 > 4 * CHUNK_PAIRS
+                                                  and engine_progress.enabled())
     if constant is None:
         if constant_value == "auto":
             constant_value = most_frequent_value(images)

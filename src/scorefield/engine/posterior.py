@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from . import fused, kernels, pruning
+from . import fused, kernels, progress, pruning
 from .banks import ClusteredBank, KeySource
 from .errors import PatchMemoryError
 from .memory import check_fits
@@ -126,7 +126,7 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
     states = [kernels.init_state((g, stop - start), source.value_dim, dtype, queries.device, topk=track)
               for start, stop in blocks]
     n_chunks = math.ceil(source.num_keys / source.chunk_keys)
-    show = g * q * source.num_keys > PROGRESS_PAIRS
+    show = g * q * source.num_keys > PROGRESS_PAIRS and progress.enabled()
     extras: list[Tensor | None] = [None] * len(blocks)      # log-weight of merged top keys over their own
     for offset, k_aug, logw, values, index, extra in tqdm(source.mapped_chunks(dtype), total=n_chunks,
                                                           disable=not show, desc="patch posterior", leave=False):
@@ -270,8 +270,8 @@ def _fold_clusters(state: kernels.SoftmaxState, q_aug: Tensor, bank: ClusteredBa
     users = mask.sum(0)                                                          # [C] queries per cluster
     by_cluster = mask.T.contiguous()                                             # [C, q]
     evaluated = int((users * index.sizes()).sum())
-    for c in tqdm(torch.nonzero(users).reshape(-1).tolist(), disable=evaluated < PROGRESS_PAIRS,
-                  desc="patch posterior", leave=False):
+    quiet = evaluated < PROGRESS_PAIRS or not progress.enabled()
+    for c in tqdm(torch.nonzero(users).reshape(-1).tolist(), disable=quiet, desc="patch posterior", leave=False):
         rows = None if int(users[c]) == q else torch.nonzero(by_cluster[c]).reshape(-1)
         lo, hi = int(index.offsets[c]), int(index.offsets[c + 1])
         torch.set_num_threads(1 if int(users[c]) * (hi - lo) < SMALL_FOLD_PAIRS else threads)
