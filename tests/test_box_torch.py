@@ -173,3 +173,16 @@ def test_cuda_matches_cpu(dtype):
     xg = x.cuda().requires_grad_()
     box_posterior_torch(xg, ab.cuda(), images, 5).sum().backward()     # images on the CPU are moved to x's device
     assert xg.grad.device.type == "cuda" and torch.isfinite(xg.grad).all()
+
+
+def test_forced_box_route_runs_the_torch_form_where_the_compiled_kernel_does_not_apply():
+    gen = torch.Generator().manual_seed(5)
+    images = torch.rand(4, 1, 7, 7, generator=gen, dtype=torch.float64) * 2 - 1
+    data = sf.data.ImageSet(images.float(), name="box")
+    x = torch.randn(2, 1, 7, 7, generator=gen, dtype=torch.float64)
+    ab = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    forced = sf.models.make("els", data, patch_size=5, dtype="float64", cross_term="box")
+    reference = sf.models.make("els", data, patch_size=5, dtype="float64", cross_term="gemm")
+    torch.testing.assert_close(forced(x, ab), reference(x, ab), rtol=0, atol=1e-10)
+    (entry,) = forced.engine_log()
+    assert entry["cross_term"] == "box" and entry["fold"] == "reference"

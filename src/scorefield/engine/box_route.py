@@ -8,6 +8,7 @@ import torch
 
 from . import box
 from .banks import unique_rows
+from .box_torch import box_posterior_torch
 from .errors import PatchConfigError, PatchMemoryError
 from .flat import FLAT_LOGIT_SPREAD, flat_logit_spread
 from .geometry import extract_patches
@@ -26,10 +27,16 @@ BOX_MAX_LOGIT_ERROR = 2e-4               # ... when the fixed-point grid's bound
 
 
 def box_eligible(engine: PatchPosterior, x: Tensor, patch_size: int) -> bool:
-    """Whether the box kernel covers this engine and call at all."""
-    return (engine.grouping == "shared" and engine.padding == "circular" and not engine.valid_only
-            and engine.dtype == torch.float32 and x.device.type == "cpu"
+    """Whether the compiled box kernel covers this engine and call at all."""
+    return (torch_box_eligible(engine, patch_size) and engine.dtype == torch.float32 and x.device.type == "cpu"
             and box.covers(tuple(engine.images.shape), patch_size))
+
+
+def torch_box_eligible(engine: PatchPosterior, patch_size: int) -> bool:
+    """Whether the bank is the shared circular bank of all H·W patches that box sums describe (any device)."""
+    _, h, w = engine.image_shape
+    return (engine.grouping == "shared" and engine.padding == "circular" and not engine.valid_only
+            and patch_size <= min(h, w))
 
 
 def uses_box(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int, differentiable: bool) -> bool:
@@ -38,10 +45,10 @@ def uses_box(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int, dif
         return False    # gradients always take the float64 autograd route, whatever cross_term forces
     eligible = box_eligible(engine, x, patch_size)
     if engine.cross_term == "box":
-        if not eligible:
+        if not eligible and not torch_box_eligible(engine, patch_size):
             raise PatchConfigError("cross_term='box' needs the shared circular bank of all H·W patches "
-                                   f"(ELS), float32 on the CPU, an odd P ≤ min(H, W) and W ≤ "
-                                   f"{box.MAX_WIDTH}; got P={patch_size}, images {engine.image_shape}, grouping "
+                                   f"(ELS) and an odd P ≤ min(H, W) (the compiled CPU kernel also W ≤ "
+                                   f"{box.MAX_WIDTH}); got P={patch_size}, images {engine.image_shape}, grouping "
                                    f"{engine.grouping!r}, padding {engine.padding!r}, device {x.device}")
         return True
     if engine.cross_term == "gemm" or not eligible:
@@ -73,8 +80,22 @@ def unique_fraction(engine: PatchPosterior, patch_size: int) -> float:
 
 def denoise_box(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int,
                 provenance: bool) -> tuple[Tensor, Tensor | None, dict]:
-    """(x̂₀ [B, C, H, W] in x's dtype, provenance [B, H, W, 3] or None, stats) on the box-sum kernel."""
+    """(x̂₀ [B, C, H, W] in x's dtype, provenance [B, H, W, 3] or None, stats) on the box-sum route: the compiled
+    CPU kernel where it applies, else (another device, float64, no compiler) the batched torch form."""
     n, _, h, w = engine.images.shape
+    with HOST:
+        compiled = box_eligible(engine, x, patch_size) and box.available()
+    if not compiled:
+        if provenance:
+            raise PatchConfigError("provenance on the box route needs the compiled CPU kernel (float32, CPU); "
+                                   "use cross_term='gemm' for provenance here")
+        mean = box_posterior_torch(x, ab, engine.images, patch_size, log_weights=engine.log_weights,
+                                   chunk_images=engine.chunk_images, memory_budget=engine.memory_budget,
+                                   dtype=engine.dtype)
+        pairs = x.shape[0] * h * w * n * h * w
+        return mean.to(x.dtype), None, {"patch_size": patch_size, "alpha_bar": ab.tolist(), "pairs_evaluated": pairs,
+                                        "pairs_total": pairs, "neglected_bound": 0.0, "fraction": 1.0,
+                                        "cross_term": "box", "device": str(x.device), "fold": "reference"}
     need = box.memory_estimate(x.shape[0], tuple(engine.images.shape))
     if need > engine.memory_budget:
         raise PatchMemoryError(f"the box-sum kernel needs about {need / 2**20:.2f} MiB for {x.shape[0]} "
