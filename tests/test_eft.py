@@ -2,8 +2,8 @@
 the heat equation from white noise, and the EFT as a denoiser."""
 import math
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 import scorefield as sf
