@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import convert
+from .options import closest, unknown_options
 from .schedules import Schedule, get_schedule, karras_sigmas, time_grid
 
 Tensor = torch.Tensor
@@ -339,7 +340,12 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
     grid with 1 − ᾱ = 0 in float64 before its last step is refused.
     """
     if sampler not in SAMPLERS:
-        raise SamplingError(f"unknown sampler '{sampler}'; available: {', '.join(available_samplers())}")
+        raise SamplingError(f"unknown sampler '{sampler}'{closest(sampler, SAMPLERS)}; available: "
+                            f"{', '.join(available_samplers())}")
+    problem = unknown_options(sampler_options, SAMPLERS[sampler],
+                              skip=("model", "x", "ts", "schedule", "labels", "callback", "generators", "progress"))
+    if problem:
+        raise SamplingError(f"sampler '{sampler}': {problem}")
     if not isinstance(noise, Tensor) or noise.ndim != 4:
         raise SamplingError(f"noise must be a [B, C, H, W] tensor, got {getattr(noise, 'shape', type(noise))}")
     if not noise.is_floating_point():

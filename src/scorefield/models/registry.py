@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from ..data import ImageSet
+from ..options import closest, unknown_options
 from .base import Denoiser
 
 Builder = Callable[..., Denoiser]
@@ -34,7 +35,8 @@ def make(name: str, data: ImageSet, device: torch.device | str | None = None, **
     `device` (default: where `data.images` lives). Machines keep their banks there; every call returns its
     output on the input's device."""
     if name not in MODELS:
-        raise ModelConfigError(f"unknown model '{name}'; available: {', '.join(available_models())}")
+        raise ModelConfigError(f"unknown model '{name}'{closest(name, MODELS)}; available: "
+                               f"{', '.join(available_models())}")
     if not isinstance(data, ImageSet):
         raise ModelConfigError(f"make('{name}', data): data must be an sf.data.ImageSet, got {type(data).__name__}")
     if device is not None:
@@ -42,6 +44,9 @@ def make(name: str, data: ImageSet, device: torch.device | str | None = None, **
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise ModelConfigError(f"make('{name}', device={device!r}): not a torch device ({exc})") from None
+    problem = unknown_options(options, MODELS[name], skip=("data",))
+    if problem:
+        raise ModelConfigError(f"make('{name}'): {problem}")
     model = MODELS[name](data, **options)
     model.config = {"name": name, **{k: v for k, v in options.items()}, **model.config}
     return model.to(device if device is not None else data.images.device)

@@ -1,0 +1,37 @@
+"""Misspelled names and option keys get one clear error with the closest valid name, not a TypeError."""
+import pytest
+import torch
+
+import scorefield as sf
+from scorefield.cli import main
+
+
+def _data():
+    return sf.data.ImageSet(torch.rand(4, 1, 6, 6) * 2 - 1, name="tiny")
+
+
+def test_model_options_and_names_are_checked_with_a_suggestion():
+    with pytest.raises(ValueError, match=r"'patchsize' \(did you mean 'patch_size'\?\)"):
+        sf.models.make("els", _data(), patchsize=3)
+    with pytest.raises(ValueError, match=r"unknown model 'elss' \(did you mean 'els'\?\)"):
+        sf.models.make("elss", _data())
+    with pytest.raises(ValueError, match="valid:"):
+        sf.models.make("is", _data(), wibble=1)
+
+
+def test_sampler_options_and_names_are_checked_with_a_suggestion():
+    model = sf.models.make("is", _data())
+    noise = torch.randn(1, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"'etaa' \(did you mean 'eta'\?\)"):
+        sf.sampling.sample(model, noise, steps=2, etaa=0.5)
+    with pytest.raises(ValueError, match=r"unknown sampler 'dim' \(did you mean 'ddim'\?\)"):
+        sf.sampling.sample(model, noise, steps=2, sampler="dim")
+    assert sf.sampling.sample(model, noise, steps=2, eta=0.5).shape == noise.shape
+
+
+def test_cli_reports_a_misspelled_model_option_in_one_line(tmp_path, capsys):
+    code = main(["sample", "--model", "els", "--model-opt", "patchsize=3", "--data", "digits", "--data-opt",
+                 "subset=20", "--n", "2", "--steps", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code != 0 and "did you mean 'patch_size'" in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())                       # refused before a run directory was made
