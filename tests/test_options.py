@@ -35,3 +35,11 @@ def test_cli_reports_a_misspelled_model_option_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code != 0 and "did you mean 'patch_size'" in err and "Traceback" not in err
     assert not any(tmp_path.iterdir())                       # refused before a run directory was made
+
+
+def test_labels_given_to_an_unconditional_model_are_refused_not_ignored():
+    x = torch.randn(2, 1, 6, 6)
+    for model in (sf.models.make("els", _data(), patch_size=3), sf.models.make("convnet", _data(), preset="tiny")):
+        with pytest.raises(ValueError, match="unconditional but labels were given"):
+            model(x, 0.5, torch.tensor([0, 1]))
+        assert model(x, 0.5).shape == x.shape

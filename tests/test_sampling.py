@@ -50,7 +50,8 @@ def test_stochastic_samplers_differ_from_deterministic_and_need_seeds():
 
 def test_guidance_scale_one_is_conditional_and_window_restricts():
     class Toy(sf.models.Denoiser):
-        conditional = False
+        conditional = True                    # labels=None is its unconditional prediction
+        unconditional_without_labels = True
 
         def denoise(self, x, ab, labels):
             return torch.zeros_like(x) if labels is None else torch.ones_like(x) * labels.reshape(-1, 1, 1, 1)

@@ -73,6 +73,9 @@ class Denoiser(torch.nn.Module):
         x, ab, labels = check_denoiser_inputs(x, alpha_bar, labels, self.image_shape)
         if self.conditional and labels is None and not self.unconditional_without_labels:
             raise DenoiserInputError(f"{self.name} is class-conditional: pass labels=[B] class indices")
+        if labels is not None and not self.conditional:
+            raise DenoiserInputError(f"{self.name} is unconditional but labels were given (they would be ignored); "
+                                     "build it with conditional=True or pass labels=None")
         return x, ab, labels
 
     def forward(self, x: torch.Tensor, alpha_bar: torch.Tensor | float,

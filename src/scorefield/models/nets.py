@@ -157,6 +157,9 @@ class NetDenoiser(Denoiser):
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         # unlike analytic conditional machines, labels=None is valid here: it is the null (unconditional) class
         x, ab, labels = check_denoiser_inputs(x, alpha_bar, labels, self.image_shape)
+        if labels is not None and not self.conditional:
+            raise DenoiserInputError(f"{self.name} is unconditional but labels were given (they would be ignored); "
+                                     "train a conditional network or pass labels=None")
         return self.denoise(x, ab, labels)
 
     def num_parameters(self) -> int:
