@@ -43,3 +43,15 @@ def test_labels_given_to_an_unconditional_model_are_refused_not_ignored():
         with pytest.raises(ValueError, match="unconditional but labels were given"):
             model(x, 0.5, torch.tensor([0, 1]))
         assert model(x, 0.5).shape == x.shape
+
+
+def test_out_of_range_values_are_refused_up_front():
+    with pytest.raises(ValueError, match="exceeds 2·max"):
+        sf.models.make("els", _data(), patch_size=1001)
+    with pytest.raises(ValueError, match="exceeds 2·max"):
+        sf.models.make("bbels", _data(), patch_size=[3, 5, 13])
+    assert sf.models.make("ls", _data(), patch_size=11) is not None          # 2·6 − 1: the largest allowed
+    with pytest.raises(ValueError, match="eta"):
+        sf.sampling.sample(sf.models.make("is", _data()), torch.randn(1, 1, 6, 6), steps=2, eta=-1)
+    with pytest.raises(ValueError, match="positive integer"):
+        sf.sampling.initial_noise(0, (1, 6, 6))

@@ -75,6 +75,11 @@ def per_sample_normal(shape: Sequence[int], generators: Sequence[torch.Generator
 def initial_noise(n: int, image_shape: Sequence[int], seeds: Sequence[int] | None = None,
                   seed: int = 0) -> Tensor:
     """Initial noise [n, C, H, W]; sample i uses seed seeds[i] (default seed + i)."""
+    if isinstance(n, bool) or int(n) != n or n < 1:
+        raise SamplingError(f"the number of samples must be a positive integer, got {n!r}")
+    if len(image_shape) != 3 or any(int(v) != v or v < 1 for v in image_shape):
+        raise SamplingError(f"image_shape must be (C, H, W) of positive integers, got {tuple(image_shape)}")
+    n = int(n)
     seeds = list(seeds) if seeds is not None else [seed + i for i in range(n)]
     if len(seeds) != n:
         raise SamplingError(f"{len(seeds)} seeds given for {n} samples")
@@ -160,6 +165,8 @@ def sample_ddim(model: Denoise, x: Tensor, ts: Tensor, schedule: Schedule, label
     """DDIM (Song et al. 2021, eq. 12): x_{i+1} = √ᾱ_{i+1} x̂₀ + √(1−ᾱ_{i+1}−σ_i²) ε̂ + σ_i z,
     σ_i = η √((1−ᾱ_{i+1})/(1−ᾱ_i)) √(1−ᾱ_i/ᾱ_{i+1}); η = 0 is deterministic (the papers' 20-step sampler).
     State and update in float64, the model in x's dtype; returns x's dtype (module docstring, "Precision")."""
+    if not 0.0 <= float(eta) <= 1.0:
+        raise SamplingError(f"DDIM's eta must lie in [0, 1] (0: deterministic, 1: DDPM-like), got {eta}")
     if eta > 0 and generators is None:
         raise SamplingError("DDIM with eta > 0 needs per-sample generators (pass seeds)")
     B, dtype = x.shape[0], x.dtype

@@ -64,6 +64,16 @@ PRUNE_MIN_KEYS = 8192                    # prune='auto' clusters banks of at lea
 CROSS_TERMS = ("auto", "box", "gemm")
 
 
+def check_patch_fits(patch_size: int, image_shape: tuple[int, ...]) -> None:
+    """Refuse a patch beyond 2·max(H, W) − 1: from that size on every pixel's patch already covers the whole
+    image from anywhere (LS becomes IS, kamb-ganguli), so a larger one only costs more (P² per pair)."""
+    h, w = image_shape[-2:]
+    limit = 2 * max(h, w) - 1
+    if patch_size > limit:
+        raise PatchConfigError(f"patch_size {patch_size} exceeds 2·max(H, W) − 1 = {limit} for {h}×{w} images, "
+                               f"where every patch already covers the whole image; use at most {limit}")
+
+
 def _check_options(images: Tensor, grouping: str, dtype: torch.dtype, chunk_images: int | None,
                    cache: bool | str, prune: bool | str, clusters: int | None, cross_term: str) -> None:
     if images.ndim != 4 or images.shape[0] == 0:
@@ -204,6 +214,7 @@ class PatchPosterior:
         """Posterior-mean image [B, C, H, W] of noisy images x [B, C, H, W] at ᾱ [B] (or a scalar); with
         return_provenance also [B, H, W, 3] (training image, y, x) of each pixel's arg-max bank patch."""
         patch_size = check_patch_size(patch_size)
+        check_patch_fits(patch_size, self.image_shape)
         if tuple(x.shape[1:]) != self.image_shape:
             raise PatchConfigError(f"x has image shape {tuple(x.shape[1:])}, the bank {self.image_shape}")
         self.to(x.device)

@@ -39,6 +39,7 @@ from ..engine import (
     softmax_posterior,
 )
 from ..engine.gemm_route import fold_path
+from ..engine.patch_posterior import check_patch_fits
 from ..schedules import get_schedule
 from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
 from .registry import ModelConfigError, register_model
@@ -113,6 +114,17 @@ def patch_size_function(patch_size: PatchSize, schedule: str = "cosine") -> Call
         return calibrated_patch_schedule(items, schedule)
     raise ModelConfigError(f"patch_size must be an odd int, a list of odd ints, a list of (threshold, size) "
                            f"pairs or a function of alpha_bar; got {patch_size!r}")
+
+
+def _listed_sizes(patch_size: PatchSize, size_of: Callable[[float], int]) -> list[int]:
+    """The patch sizes a schedule can return, where they are known before any call (not for a callable)."""
+    if isinstance(size_of, PatchSchedule):
+        return list(size_of.sizes)
+    if isinstance(patch_size, (int, float)) and not isinstance(patch_size, bool):
+        return [int(patch_size)]
+    if isinstance(patch_size, (list, tuple)):
+        return [int(v[1]) if isinstance(v, (list, tuple)) else int(v) for v in patch_size]
+    return []
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -233,6 +245,8 @@ class PatchMachine(_BatchSplitMachine):
             "dtype": str(dtype).replace("torch.", ""), "valid_only": valid_only})
         self.name, self.conditional = name, bool(conditional)
         self.size_of = patch_size_function(patch_size, patch_schedule)
+        for size in _listed_sizes(patch_size, self.size_of):       # refuse now, not at the first call
+            check_patch_fits(size, tuple(data.images.shape[1:]))
         self.dtype = dtype
         self.engines = _Conditioned(data, conditional, lambda images: PatchPosterior(
             images, grouping=grouping, padding=padding, valid_only=valid_only, dtype=dtype,
