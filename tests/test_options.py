@@ -55,3 +55,26 @@ def test_out_of_range_values_are_refused_up_front():
         sf.sampling.sample(sf.models.make("is", _data()), torch.randn(1, 1, 6, 6), steps=2, eta=-1)
     with pytest.raises(ValueError, match="positive integer"):
         sf.sampling.initial_noise(0, (1, 6, 6))
+
+
+def test_damaged_run_files_are_named_in_one_error(tmp_path):
+    run = tmp_path / "net"
+    model = sf.models.make("convnet", _data(), preset="tiny")
+    sf.training.train(model, _data(), steps=1, batch_size=2, out=tmp_path, name="net", progress=False)
+    weights = run / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])                   # truncated
+    with pytest.raises(sf.checkpoints.CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        sf.models.load(run)
+    weights.write_bytes(b"")
+    with pytest.raises(sf.checkpoints.CheckpointError, match="model.safetensors"):
+        sf.models.load(run)
+    (run / "model.json").write_text('{"model": {"arch"')               # truncated JSON
+    with pytest.raises(sf.checkpoints.CheckpointError, match="model.json is not valid JSON"):
+        sf.models.load(run)
+
+
+def test_train_refuses_negative_samples_before_training(tmp_path, capsys):
+    code = main(["train", "--arch", "convnet", "--preset", "tiny", "--data", "digits", "--subset", "8",
+                 "--steps", "1", "--samples", "-3", "--out", str(tmp_path), "--no-progress"])
+    assert code != 0 and "--samples" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())

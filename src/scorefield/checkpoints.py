@@ -63,7 +63,21 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"missing tensor file {path}")
-    return load_safetensors(path.read_bytes())
+    try:
+        return load_safetensors(path.read_bytes())
+    except Exception as exc:   # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                              f"{type(exc).__name__}: {exc}") from None
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run directory, or one error naming the file (missing, truncated, not JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"missing file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -140,8 +154,11 @@ def load_checkpoint(run_dir: str | Path | RunDir) -> Checkpoint | None:
     meta_path = path / CHECKPOINT
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    return Checkpoint(meta, read_tensors(path / meta["tensors"]))
+    meta = read_json(meta_path)
+    tensors = (path / str(meta.get("tensors", ""))).resolve()
+    if not tensors.is_relative_to(path.resolve()) or "tensors" not in meta:
+        raise CheckpointError(f"{meta_path} names a tensor file outside its run directory: {meta.get('tensors')!r}")
+    return Checkpoint(meta, read_tensors(tensors))
 
 
 def _load_weights(model: NetDenoiser, weights: dict[str, torch.Tensor], source: Path) -> None:
@@ -162,7 +179,9 @@ def load_denoiser(run_dir: str | Path | RunDir) -> NetDenoiser:
     if not path.is_dir():
         raise FileNotFoundError(f"no run directory at {path}")
     if (path / MODEL_CONFIG).is_file() and (path / MODEL_WEIGHTS).is_file():
-        config = json.loads((path / MODEL_CONFIG).read_text())["model"]
+        config = read_json(path / MODEL_CONFIG).get("model")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path / MODEL_CONFIG} holds no 'model' config")
         model = net_from_config(config)
         _load_weights(model, read_tensors(path / MODEL_WEIGHTS), path / MODEL_WEIGHTS)
     else:

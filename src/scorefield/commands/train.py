@@ -99,6 +99,8 @@ def _training_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.samples < 0 or args.sample_steps < 1:   # refused before training, not after it
+        raise ValueError(f"--samples must be ≥ 0 and --sample-steps ≥ 1, got {args.samples} and {args.sample_steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.resume:
