@@ -78,3 +78,19 @@ def test_train_refuses_negative_samples_before_training(tmp_path, capsys):
                  "--steps", "1", "--samples", "-3", "--out", str(tmp_path), "--no-progress"])
     assert code != 0 and "--samples" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_resume_refuses_another_kind_of_run_and_unknown_config_keys(tmp_path):
+    import json
+
+    from scorefield.experiments.sample_run import SampleConfig, run_sampling
+
+    cfg = SampleConfig(model="is", data="digits", data_options={"subset": 10}, n=2, steps=2, batch_size=2)
+    run = run_sampling(cfg, root=tmp_path, name="s", progress=False)
+    config = json.loads(run.file("config.json").read_text())
+    run.file("config.json").write_text(json.dumps({**config, "stepz": 3}))
+    with pytest.raises(sf.runs.RunError, match=r"'stepz' \(did you mean 'steps'\?\)"):
+        run_sampling(cfg, resume=run.path, progress=False)
+    run.file("config.json").write_text(json.dumps({**config, "kind": "train"}))
+    with pytest.raises(sf.runs.RunError, match="not a sampling run"):
+        run_sampling(cfg, resume=run.path, progress=False)

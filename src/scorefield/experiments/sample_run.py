@@ -9,7 +9,7 @@ certified bounds; see `engine_log`); optionally trajectories (x and x̂₀ at ev
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from .. import data as sf_data
 from .. import models as sf_models
 from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
+from ..options import closest
 from ..runs import RunDir, RunError
 from ..sampling import Guidance, initial_noise, sample
 from . import engine_log
@@ -101,6 +102,21 @@ def _batch_name(i: int) -> str:
     return f"batches/batch-{i:04d}.npz"
 
 
+def _saved_config(run: RunDir) -> SampleConfig:
+    """The SampleConfig saved in a sampling run, or one error naming what does not fit (another kind of run,
+    an unknown key)."""
+    kind = run.config.get("kind")
+    if kind != "sample":
+        raise RunError(f"{run.path} is a '{kind}' run, not a sampling run; resume it with its own command")
+    saved = {k: v for k, v in run.config.items() if k != "kind"}
+    known = {f.name for f in fields(SampleConfig)}
+    unknown = [k for k in saved if k not in known]
+    if unknown:
+        named = ", ".join(f"'{k}'{closest(k, known)}" for k in unknown)
+        raise RunError(f"{run.file('config.json')} has unknown key(s) {named}")
+    return SampleConfig(**saved)
+
+
 def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None = None,
                  resume: str | Path | None = None, progress: bool = True) -> RunDir:
     """Sample `cfg.n` images with `cfg.model` trained on / built from `cfg.data`; returns the run directory.
@@ -109,8 +125,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
     """
     if resume is not None:
         run = RunDir.open(resume)
-        saved = {k: v for k, v in run.config.items() if k != "kind"}
-        cfg = SampleConfig(**saved)
+        cfg = _saved_config(run)
     else:
         if cfg.n < 1 or cfg.batch_size < 1:
             raise ValueError(f"n and batch_size must be positive, got n={cfg.n}, batch_size={cfg.batch_size}")
