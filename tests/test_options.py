@@ -94,3 +94,11 @@ def test_resume_refuses_another_kind_of_run_and_unknown_config_keys(tmp_path):
     run.file("config.json").write_text(json.dumps({**config, "kind": "train"}))
     with pytest.raises(sf.runs.RunError, match="not a sampling run"):
         run_sampling(cfg, resume=run.path, progress=False)
+
+
+def test_diverging_training_stops_with_advice_instead_of_saving_nan_weights(tmp_path):
+    model = sf.models.make("convnet", _data(), preset="tiny")
+    with pytest.raises(ValueError, match="training diverged"):
+        sf.training.train(model, _data(), steps=50, batch_size=2, lr=1e12, out=tmp_path, name="nan",
+                          progress=False)
+    assert not (tmp_path / "nan" / "model.safetensors").exists()

@@ -328,6 +328,11 @@ def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainCo
             group["lr"] = learning_rate(config, step)
         loss = dsm_loss(model, images[index], None if labels is None else labels[index], config,
                         model.schedule, generator)
+        if not torch.isfinite(loss):
+            # stop before the step writes non-finite weights: the checkpoints on disk stay usable
+            raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (learning rate "
+                                f"{learning_rate(config, step):.3g}): training diverged; nothing non-finite was "
+                                f"saved. Lower the learning rate (--lr) or clip gradients (--grad-clip)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip is not None:
