@@ -102,3 +102,16 @@ def test_diverging_training_stops_with_advice_instead_of_saving_nan_weights(tmp_
         sf.training.train(model, _data(), steps=50, batch_size=2, lr=1e12, out=tmp_path, name="nan",
                           progress=False)
     assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_a_second_process_cannot_resume_a_run_in_use(tmp_path):
+    import subprocess
+    import sys
+
+    run = sf.runs.RunDir.create("sample", {}, root=tmp_path, name="busy").lock()
+    code = ("import sys, scorefield as sf\n"
+            "try:\n    sf.runs.RunDir.open(sys.argv[1]).lock()\n"
+            "except sf.runs.RunError as e:\n    print(e); sys.exit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(run.path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and "being worked on by process" in done.stdout
+    assert run.lock() is run                                        # the holder may take it again

@@ -78,6 +78,43 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._lock_handle: Any = None
+
+    def lock(self) -> RunDir:
+        """Hold this run directory for this process (an advisory file lock on .lock, released when the process
+        ends): a second process resuming the same run gets a RunError at once instead of computing the same
+        work and failing later. Returns self; a no-op where file locks are unavailable."""
+        if self._lock_handle is not None:
+            return self
+        try:
+            import fcntl
+        except ImportError:   # pragma: no cover - not on POSIX
+            return self
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunError(f"{self.path} is being worked on by {holder}; wait for it to finish (or stop it) "
+                           f"before resuming") from None
+        except OSError:       # the file system refuses locks: go on unguarded
+            handle.close()
+            return self
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        self._lock_handle = handle
+        return self
+
+    def release(self) -> RunDir:
+        """Give up the hold taken by `lock` (a job calls it when it is done); returns self."""
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+        return self
 
     # ---- creating and opening ----------------------------------------------------------------------------
     @classmethod

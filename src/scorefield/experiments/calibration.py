@@ -176,8 +176,8 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
 
 def _open_run(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None) -> RunDir:
     if resume is None:
-        return RunDir.create("calibrate", config, root=out, name=name)
-    run = RunDir.open(resume)
+        return RunDir.create("calibrate", config, root=out, name=name).lock()
+    run = RunDir.open(resume).lock()
     saved = {k: v for k, v in run.config.items() if k != "kind"}
     differ = [k for k in config if k not in ("network", "data") and saved.get(k) != config[k]]
     if differ:
@@ -245,4 +245,5 @@ def _finish(run: RunDir, config: dict[str, Any], record: _StepRecorder, seconds:
     from ..analysis.calibration_figure import calibration_figure
 
     run.save_figure("schedule", calibration_figure(cal), replace=True)
+    run.release()
     return cal

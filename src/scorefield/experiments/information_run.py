@@ -69,13 +69,13 @@ def information_run(model: Denoiser, image_shape: Sequence[int], n: int = 512, t
         traj = part if traj is None else traj.merge(part)
     traj.save(run.file("trajectory.npz"))
     _analyse(run, traj, _uses_translation(model, translation), window)
-    return run
+    return run.release()
 
 
 def _open(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None) -> RunDir:
     if resume is None:
-        return RunDir.create("information", config, root=out, name=name)
-    run = RunDir.open(resume)
+        return RunDir.create("information", config, root=out, name=name).lock()
+    run = RunDir.open(resume).lock()
     wanted = json.loads(json.dumps(jsonable(config)))                 # as it would have been saved
     changed = sorted(k for k in wanted if k != "model" and run.config.get(k) != wanted[k])
     if changed:

@@ -114,7 +114,7 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
         "sampler": sampler, "padding": padding, "clip_x0": bool(clip_x0), "baseline": baseline,
         "labels": None if label_tensor is None else label_tensor.tolist(), "calibration_run": calibration_run,
         "data": data_spec or {"name": data.name, "n": len(data)}}
-    run = RunDir.open(resume) if resume is not None else RunDir.create("predict", config, root=out, name=name)
+    run = (RunDir.open(resume) if resume is not None else RunDir.create("predict", config, root=out, name=name)).lock()
     if resume is not None and run.config.get("seeds") != seeds:
         raise RunError(f"cannot resume {run.path}: it was run with other seeds")
     noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
@@ -122,7 +122,9 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     for label, model in tqdm([(NETWORK, network), *built], desc="predict", unit="denoiser", disable=not progress):
         samples[label] = _samples_of(run, label, model, noise, seeds, label_tensor, batch_size,
                                      dict(steps=steps, sampler=sampler, schedule=schedule, clip_x0=clip_x0))
-    return _score(run, samples, names, seeds, label_tensor, baseline)
+    result = _score(run, samples, names, seeds, label_tensor, baseline)
+    run.release()
+    return result
 
 
 def _samples_of(run: RunDir, label: str, model: Denoiser, noise: torch.Tensor, seeds: list[int],

@@ -124,7 +124,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
     resume: an existing run directory of this job; its config is used and finished batches are kept.
     """
     if resume is not None:
-        run = RunDir.open(resume)
+        run = RunDir.open(resume).lock()
         cfg = _saved_config(run)
     else:
         if cfg.n < 1 or cfg.batch_size < 1:
@@ -137,7 +137,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
     if cfg.model_run:  # record what was actually sampled, not the default machine name
         cfg = replace(cfg, model=str(model.config.get("name", model.name)))
     if run is None:
-        run = RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed)
+        run = RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed).lock()
     image_shape = (data.channels, data.height, data.width)
     seeds = [cfg.seed + i for i in range(cfg.n)]
     starts = list(range(0, cfg.n, cfg.batch_size))
@@ -163,7 +163,7 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
         engine_log.record(run, model, batch=b)
         run.log_metrics(batch=b, n=len(batch_seeds), seconds=time.perf_counter() - tic)
     finish_run(run, data)
-    return run
+    return run.release()
 
 
 def collect_batches(run: RunDir) -> dict[str, np.ndarray]:
