@@ -17,6 +17,7 @@ sampler's own 1 − ᾱ is float64 and positive; only grids that float64 cannot 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -88,20 +89,100 @@ def initial_noise(n: int, image_shape: Sequence[int], seeds: Sequence[int] | Non
 
 # ---- guidance --------------------------------------------------------------------------------------------
 
+WINDOW_VARIABLES = ("alpha_bar", "sigma", "t", "step", "fraction")
+
+
 @dataclass
 class Guidance:
-    """Classifier-free guidance x̂₀ = x̂₀(∅) + w(ᾱ)·(x̂₀(y) − x̂₀(∅)), w = scale inside the ᾱ window, 1 outside.
+    """Classifier-free guidance x̂₀ = x̂₀(∅) + w·(x̂₀(y) − x̂₀(∅)), w = scale inside the window, 1 outside.
 
-    A window [alpha_bar_min, alpha_bar_max] gives a guidance pulse applied only at those noise levels.
+    The window (a guidance pulse) may be given in whichever variable one thinks in — at most one of
+    `alpha_bar_min/max` (ᾱ), `sigma_min/max` (EDM's σ = √((1−ᾱ)/ᾱ)), `t_min/max` (the schedule's time),
+    `step_min/max` (sampler step indices 0…n−1, step i evaluating the denoiser at the grid time tᵢ) or
+    `fraction_min/max` (i/n of those steps) — an open end is left as None. `resolve(schedule, grid)` converts it
+    exactly to the ᾱ window the sampler applies, and `steps(schedule, grid)` lists the steps it covers.
+    (The criticality paper writes D_c + w'·(D_c − D_u) with w' = 0 outside the pulse: w = 1 + w'.)
     """
 
     scale: float = 1.0
-    alpha_bar_min: float = 0.0
-    alpha_bar_max: float = 1.0
+    alpha_bar_min: float | None = None
+    alpha_bar_max: float | None = None
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    t_min: float | None = None
+    t_max: float | None = None
+    step_min: int | None = None
+    step_max: int | None = None
+    fraction_min: float | None = None
+    fraction_max: float | None = None
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(float(self.scale)):
+            raise SamplingError(f"the guidance scale must be finite, got {self.scale}")
+        given = [v for v in WINDOW_VARIABLES if self._bounds(v) != (None, None)]
+        if len(given) > 1:
+            raise SamplingError(f"give the guidance window in one variable, got {', '.join(given)}")
+        self.variable = given[0] if given else None
+        lo, hi = self._bounds(self.variable) if given else (None, None)
+        if lo is not None and hi is not None and lo > hi:
+            raise SamplingError(f"the guidance window needs {self.variable}_min ≤ {self.variable}_max, got {lo} > {hi}")
+
+    def _bounds(self, variable: str) -> tuple[Any, Any]:
+        return getattr(self, f"{variable}_min"), getattr(self, f"{variable}_max")
+
+    def alpha_bar_window(self, schedule: Schedule | None = None, grid: Tensor | None = None) -> tuple[float, float]:
+        """The window as [ᾱ_min, ᾱ_max] (exact; step and fraction windows need the grid, t windows the schedule)."""
+        if self.variable is None:
+            return 0.0, 1.0
+        lo, hi = self._bounds(self.variable)
+        if self.variable == "alpha_bar":
+            return (0.0 if lo is None else float(lo)), (1.0 if hi is None else float(hi))
+        if self.variable == "sigma":       # ᾱ = 1/(1+σ²) decreases with σ
+            return (0.0 if hi is None else 1 / (1 + float(hi) ** 2)), (1.0 if lo is None else 1 / (1 + float(lo) ** 2))
+        if schedule is None:
+            raise SamplingError(f"a guidance window in {self.variable} needs the schedule (and grid): sample() "
+                                "resolves it, or call Guidance.resolve(schedule, grid)")
+        if self.variable == "t":           # ᾱ(t) decreases with t
+            ab = lambda v: float(schedule.alpha_bar(torch.tensor(float(v), dtype=torch.float64)))  # noqa: E731
+            return (0.0 if hi is None else ab(hi)), (1.0 if lo is None else ab(lo))
+        if grid is None:
+            raise SamplingError(f"a guidance window in {self.variable} needs the sampler's time grid")
+        return _step_window(self.steps(schedule, grid), schedule, grid)
+
+    def steps(self, schedule: Schedule, grid: Tensor) -> list[int]:
+        """The sampler steps (0…n−1, step i evaluating the denoiser at grid[i]) that the window covers."""
+        n = len(grid) - 1
+        if self.variable in ("step", "fraction"):
+            lo, hi = self._bounds(self.variable)
+            scale = 1 if self.variable == "step" else n
+            lo = -math.inf if lo is None else float(lo) * scale
+            hi = math.inf if hi is None else float(hi) * scale
+            return [i for i in range(n) if lo - 1e-9 <= i <= hi + 1e-9]
+        ab = schedule.alpha_bar(torch.as_tensor(grid[:-1], dtype=torch.float64))
+        a_lo, a_hi = self.alpha_bar_window(schedule, grid)
+        return [i for i in range(n) if a_lo <= float(ab[i]) <= a_hi]
+
+    def resolve(self, schedule: Schedule, grid: Tensor) -> Guidance:
+        """The same guidance with its window as an ᾱ window (what `weight` applies)."""
+        lo, hi = self.alpha_bar_window(schedule, grid)
+        return Guidance(scale=self.scale, alpha_bar_min=lo, alpha_bar_max=hi)
 
     def weight(self, alpha_bar: Tensor) -> Tensor:
-        inside = (alpha_bar >= self.alpha_bar_min) & (alpha_bar <= self.alpha_bar_max)
+        lo, hi = self.alpha_bar_window()
+        inside = (alpha_bar >= lo) & (alpha_bar <= hi)
         return torch.where(inside, torch.full_like(alpha_bar, self.scale), torch.ones_like(alpha_bar))
+
+
+def _step_window(steps: list[int], schedule: Schedule, grid: Tensor) -> tuple[float, float]:
+    """An ᾱ window holding exactly the grid ᾱ of `steps` (consecutive), its ends halfway (geometrically) to the
+    neighbouring steps' ᾱ, so that the denoiser's ᾱ, rounded to float32, still falls inside."""
+    if not steps:
+        return 2.0, 2.0                                  # covers nothing
+    ab = schedule.alpha_bar(torch.as_tensor(grid, dtype=torch.float64)).tolist()   # increasing along the steps
+    first, last = steps[0], steps[-1]
+    lo = 0.0 if first == 0 else math.sqrt(max(ab[first - 1], 1e-300) * ab[first])
+    hi = 1.0 if last + 1 >= len(grid) - 1 else math.sqrt(ab[last] * ab[last + 1])
+    return lo, hi
 
 
 def guided(model: Denoise, guidance: Guidance | float | None) -> Denoise:
@@ -371,6 +452,8 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
         raise SamplingError(f"{len(seeds)} seeds given for a batch of {B}")
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if isinstance(guidance, Guidance):
+        guidance = guidance.resolve(sched, grid_t)
     denoise = clipped(guided(model, guidance), clip_x0)
     with torch.no_grad():
         return SAMPLERS[sampler](denoise, noise.clone(), grid_t, sched, labels=labels, callback=callback,

@@ -29,8 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance x̂₀(∅) + W·(x̂₀(y) − x̂₀(∅)); needs a conditional model "
                         "(analytic machines: labels=None is the machine over every class)")
-    g.add_argument("--guidance-window", default=None, metavar="MIN:MAX",
-                   help="guide only where MIN ≤ ᾱ ≤ MAX (a guidance pulse); default everywhere")
+    g.add_argument("--guidance-window", default=None, metavar="[VAR:]MIN:MAX",
+                   help="guide only inside a window (a guidance pulse) in ᾱ (default VAR), sigma, t, step or "
+                        "fraction, e.g. 0.2:0.6, sigma:0.5:2, step:5:9; an end may be empty; default everywhere")
     g.add_argument("--batch-size", type=int, default=16, help="samples per batch (each batch is saved)")
     g.add_argument("--save-trajectory", action="store_true", help="also save x and x̂₀ at every step")
     o = p.add_argument_group("output")
@@ -50,20 +51,26 @@ def run(args: argparse.Namespace) -> int:
         schedule=args.schedule, sampler_options=sampler_options, seed=args.seed,
         labels=None if args.labels is None else [int(v) for v in args.labels.split(",")],
         batch_size=args.batch_size, save_trajectory=args.save_trajectory, guidance=args.guidance,
-        guidance_alpha_bar=_window(args.guidance_window))
+        guidance_window=_window(args.guidance_window))
     run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume)
     summary = run_dir.read_json("summary.json")
+    if run_dir.exists("guidance.json"):
+        g = run_dir.read_json("guidance.json")
+        print(f"guidance ×{g['scale']} at sampler steps {g['steps_covered']} of 0…{g['steps'] - 1} "
+              f"(ᾱ in [{g['alpha_bar_window'][0]:.4g}, {g['alpha_bar_window'][1]:.4g}])")
     print(f"run directory: {run_dir.path}")
     print(json.dumps(summary, indent=2))
     return 0
 
 
-def _window(text: str | None) -> list[float] | None:
+def _window(text: str | None) -> dict | None:
     if text is None:
         return None
     parts = text.split(":")
+    variable = parts.pop(0) if len(parts) == 3 else "alpha_bar"
     try:
-        lo, hi = (float(v) for v in parts)
+        lo, hi = (None if v == "" else float(v) for v in parts)
     except ValueError:
-        raise SystemExit(f"error: --guidance-window must be MIN:MAX in ᾱ (e.g. 0.2:0.6), got {text!r}") from None
-    return [lo, hi]
+        raise SystemExit(f"error: --guidance-window must be [VAR:]MIN:MAX (e.g. 0.2:0.6 or sigma:0.5:2), "
+                         f"got {text!r}") from None
+    return {"variable": variable, "min": lo, "max": hi}

@@ -23,7 +23,8 @@ from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
 from ..options import closest
 from ..runs import RunDir, RunError
-from ..sampling import Guidance, initial_noise, sample
+from ..sampling import WINDOW_VARIABLES, Guidance, default_grid, initial_noise, sample
+from ..schedules import get_schedule
 from . import engine_log
 
 
@@ -46,7 +47,8 @@ class SampleConfig:
     batch_size: int = 16
     save_trajectory: bool = False
     guidance: float | None = None          # classifier-free guidance scale w (needs a conditional model)
-    guidance_alpha_bar: list[float] | None = None   # [min, max]: guide only at these ᾱ (a pulse); default all
+    guidance_window: dict[str, Any] | None = None   # {"variable": "alpha_bar"|"sigma"|"t"|"step"|"fraction",
+                                                    #  "min": ..., "max": ...}: a guidance pulse; default all
 
 
 class TrajectoryRecorder:
@@ -65,16 +67,18 @@ class TrajectoryRecorder:
 def guidance_of(cfg: SampleConfig, model: sf_models.Denoiser) -> Guidance | None:
     """The run's classifier-free guidance, checked against the model (guidance needs class labels)."""
     if cfg.guidance is None:
-        if cfg.guidance_alpha_bar is not None:
+        if cfg.guidance_window is not None:
             raise ValueError("a guidance window was given without a guidance scale (--guidance W)")
         return None
     if not getattr(model, "conditional", False):
         raise ValueError(f"guidance needs a class-conditional model; '{cfg.model}' is unconditional "
                          "(make it with conditional=True, or --model-opt conditional=true)")
-    lo, hi = cfg.guidance_alpha_bar or (0.0, 1.0)
-    if not 0.0 <= lo <= hi <= 1.0:
-        raise ValueError(f"the guidance window must satisfy 0 ≤ min ≤ max ≤ 1 in ᾱ, got [{lo}, {hi}]")
-    return Guidance(scale=float(cfg.guidance), alpha_bar_min=float(lo), alpha_bar_max=float(hi))
+    window = dict(cfg.guidance_window or {})
+    variable = window.pop("variable", "alpha_bar")
+    if variable not in WINDOW_VARIABLES or set(window) - {"min", "max"}:
+        raise ValueError(f"a guidance window is {{'variable': one of {', '.join(WINDOW_VARIABLES)}, 'min', "
+                         f"'max'}}, got {cfg.guidance_window}")
+    return Guidance(scale=float(cfg.guidance), **{f"{variable}_{end}": window.get(end) for end in ("min", "max")})
 
 
 def build_model(cfg: SampleConfig, data: sf_data.ImageSet) -> sf_models.Denoiser:
@@ -138,6 +142,13 @@ def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None 
         cfg = replace(cfg, model=str(model.config.get("name", model.name)))
     if run is None:
         run = RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed).lock()
+    if guidance is not None and not run.exists("guidance.json"):
+        sched = get_schedule(cfg.schedule)
+        grid = default_grid(sched, cfg.steps, cfg.sampler)
+        lo, hi = guidance.alpha_bar_window(sched, grid)
+        run.write_json("guidance.json", {"scale": guidance.scale, "window": cfg.guidance_window,
+                                         "alpha_bar_window": [lo, hi], "steps_covered": guidance.steps(sched, grid),
+                                         "steps": cfg.steps})
     image_shape = (data.channels, data.height, data.width)
     seeds = [cfg.seed + i for i in range(cfg.n)]
     starts = list(range(0, cfg.n, cfg.batch_size))
