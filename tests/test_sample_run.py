@@ -53,7 +53,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["sample", "--model", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert main(["sample", "--model", "gaussian", "--n", "0", "--out", str(tmp_path)]) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "must be a positive integer" in capsys.readouterr().err
 
 
 def test_trajectories_are_saved_per_step(tmp_path):

@@ -5,13 +5,30 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import re
 import sys
+from typing import NoReturn
 
 from . import commands
+from .options import closest
+
+# commands whose run directories resume with --resume RUN
+RESUMABLE = ("sample", "train", "calibrate", "predict", "information", "criticality", "guidance-pulses",
+             "compare-processes")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the closest valid name added to 'invalid choice' errors (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        bad = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if bad:
+            message += closest(bad.group(1), re.findall(r"'([^']*)'", bad.group(2)))
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="scorefield",
         description="The physics of convolutional diffusion models: analytic local score machines, "
                     "trained CNN denoisers, samplers and analyses. Every command writes a run directory.")
@@ -36,6 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         set_progress(False)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        from .runs import ACTIVE_RUNS
+
+        hint = (f"; finished work is saved: resume with  scorefield {args.command} --resume {ACTIVE_RUNS[-1]}"
+                if ACTIVE_RUNS and args.command in RESUMABLE else "")
+        print(f"scorefield {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:
         # library errors carry a message meant for the user; show it without a traceback
         print(f"scorefield {args.command}: error: {exc}", file=sys.stderr)

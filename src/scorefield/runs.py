@@ -41,6 +41,46 @@ def jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+# run directories this process has held (most recent last): an interrupted command names one in its resume hint
+ACTIVE_RUNS: list[Path] = []
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Delete the `.NAME.tmp-PID` files that a killed writer left (never a finished file)."""
+    for tmp in folder.rglob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
+class DeferredInterrupt:
+    """Within `with DeferredInterrupt() as stop:`, Ctrl-C (SIGINT) only sets `stop.requested`; the loop checks
+    it at a unit boundary, saves what it has, and raises KeyboardInterrupt itself, so a checkpoint is never
+    taken half-way through a step. A second Ctrl-C interrupts at once. Outside the main thread, a no-op."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> DeferredInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -107,6 +147,8 @@ class RunDir:
         handle.write(f"process {os.getpid()}")
         handle.flush()
         self._lock_handle = handle
+        _remove_stale_temporaries(self.path)       # we hold the run: no other writer can be mid-write
+        ACTIVE_RUNS.append(self.path)
         return self
 
     def release(self) -> RunDir:
@@ -170,18 +212,37 @@ class RunDir:
         return target
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        """A JSON file of the run, or one RunError naming the file (missing, truncated, not JSON)."""
+        path = self.path / name
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            raise RunError(f"missing file {path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RunError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
 
     def log_metrics(self, **values: Any) -> None:
-        """Append one JSON line to metrics.jsonl."""
+        """Append one JSON line to metrics.jsonl (first cutting a torn last line left by a killed process)."""
+        _drop_torn_tail(self.path / "metrics.jsonl")
         with open(self.path / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(jsonable(values)) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The lines of metrics.jsonl; a torn last line (a process killed mid-append) is skipped, a damaged
+        line elsewhere is an error naming the file and line."""
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:
+                    break
+                raise RunError(f"{path} line {i + 1} is not valid JSON: {line[:80]!r}") from None
+        return out
 
     def save_arrays(self, name: str, replace: bool = False, **arrays: Any) -> Path:
         """Save named arrays (tensors or numpy) as `name`.npz, atomically."""
@@ -224,6 +285,18 @@ class RunDir:
         plt.close(fig)
         atomic_write_bytes(target, buf.getvalue())
         return target
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an appended log back to its last complete line (one ending in a newline)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as fh:
+        fh.seek(-1, 2)
+        if fh.read(1) == b"\n":
+            return
+        data = fh.seek(0) or fh.read()
+        fh.truncate(data.rfind(b"\n") + 1)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -55,6 +55,10 @@ def register_sampler(name: str) -> Callable[[Sampler], Sampler]:
     return wrap
 
 
+# the arguments every sampler function receives from `sample` (not user options)
+SAMPLER_CALL_ARGUMENTS = ("model", "x", "ts", "schedule", "labels", "callback", "generators", "progress")
+
+
 def available_samplers() -> list[str]:
     return sorted(SAMPLERS)
 
@@ -431,7 +435,7 @@ def sample(model: Denoise, noise: Tensor, steps: int = 20, sampler: str = "ddim"
         raise SamplingError(f"unknown sampler '{sampler}'{closest(sampler, SAMPLERS)}; available: "
                             f"{', '.join(available_samplers())}")
     problem = unknown_options(sampler_options, SAMPLERS[sampler],
-                              skip=("model", "x", "ts", "schedule", "labels", "callback", "generators", "progress"))
+                              skip=SAMPLER_CALL_ARGUMENTS)
     if problem:
         raise SamplingError(f"sampler '{sampler}': {problem}")
     if not isinstance(noise, Tensor) or noise.ndim != 4:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from .options import closest
+
 Tensor = torch.Tensor
 
 
@@ -164,7 +166,8 @@ def get_schedule(schedule: str | Schedule, **options: float) -> Schedule:
     if isinstance(schedule, Schedule):
         return schedule
     if schedule not in SCHEDULES:
-        raise ScheduleError(f"unknown schedule '{schedule}'; available: {', '.join(sorted(SCHEDULES))}")
+        raise ScheduleError(f"unknown schedule '{schedule}'{closest(str(schedule), SCHEDULES)}; "
+                            f"available: {', '.join(sorted(SCHEDULES))}")
     return SCHEDULES[schedule](**options)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .checkpoints import CHECKPOINT, load_checkpoint, restore_optimizer, save_checkpoint, save_model
 from .data import ImageSet
 from .models.nets import NetDenoiser
-from .runs import RunDir, atomic_write_bytes
+from .runs import DeferredInterrupt, RunDir, atomic_write_bytes
 from .schedules import Schedule, get_schedule
 
 OPTIMIZERS = ("adam", "adamw")
@@ -86,9 +86,12 @@ class TrainConfig:
             raise TrainingError(f"give steps ≥ 1 or epochs ≥ 1, got epochs={self.epochs}, steps={self.steps}")
         if self.steps is not None and self.steps < 1:
             raise TrainingError(f"steps must be ≥ 1, got {self.steps}")
-        if self.batch_size < 1 or self.lr <= 0 or not 0 < self.lr_decay <= 1:
-            raise TrainingError(f"need batch_size ≥ 1, lr > 0 and 0 < lr_decay ≤ 1; got {self.batch_size}, "
-                                f"{self.lr}, {self.lr_decay}")
+        if self.batch_size < 1:
+            raise TrainingError(f"batch_size (--batch-size) must be ≥ 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainingError(f"lr (--lr) must be a positive finite learning rate, got {self.lr}")
+        if not 0 < self.lr_decay <= 1:
+            raise TrainingError(f"lr_decay (--lr-decay) must lie in (0, 1], got {self.lr_decay}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise TrainingError(f"ema must be a decay in (0, 1) or None, got {self.ema}")
         if not 0 <= self.label_dropout < 1:
@@ -274,13 +277,20 @@ def train(model: NetDenoiser, data: ImageSet, run_dir: str | Path | RunDir | Non
                          time_sampling=time_sampling, schedule=model.schedule.name, ema=ema,
                          label_dropout=label_dropout, seed=seed)
     config.validate()
+    for key, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+        if not isinstance(value, int) or value < 1:
+            raise TrainingError(f"{key} (--{key.replace('_', '-')}) must be a positive integer, got {value!r}")
     dev = _pick_device(device)
     # without a data_spec the data cannot be reloaded by name (only "dataset" is recorded, not "name")
     spec = data_spec or {"dataset": data.name, "n": len(data), "in_memory": True}
     run = _open_or_create_run(run_dir, out, name, {"model": model.config, "training": asdict(config),
                                                    "data": spec}, seed, dev)
-    return _train_loop(model, data, run, config, dev, resume, progress, checkpoint_every, log_every, spec,
-                       callback)
+    run.lock()                       # one process per run directory; named in the Ctrl-C resume hint
+    try:
+        return _train_loop(model, data, run, config, dev, resume, progress, checkpoint_every, log_every, spec,
+                           callback)
+    finally:
+        run.release()
 
 
 def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainConfig, dev: torch.device,
@@ -319,40 +329,44 @@ def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainCo
     bar = tqdm(total=total, initial=step, disable=not progress, desc=f"train {model.config.get('name')}",
                dynamic_ncols=True)
     last_loss = float("nan")
-    while step < total:
-        epoch, k = divmod(step, per_epoch)
-        if epoch != perm_epoch:
-            perm_epoch, perm = epoch, epoch_permutation(n, config.seed, epoch).to(dev)
-        index = perm[k * config.batch_size:(k + 1) * config.batch_size]
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss = dsm_loss(model, images[index], None if labels is None else labels[index], config,
-                        model.schedule, generator)
-        if not torch.isfinite(loss):
-            # stop before the step writes non-finite weights: the checkpoints on disk stay usable
-            raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (learning rate "
-                                f"{learning_rate(config, step):.3g}): training diverged; nothing non-finite was "
-                                f"saved. Lower the learning rate (--lr) or clip gradients (--grad-clip)")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        last_loss = loss.item()
-        window = [window[0] + last_loss, window[1] + 1]
-        if step % log_every == 0 or step == total:
-            run.log_metrics(step=step, epoch=step / per_epoch, loss=window[0] / window[1],
-                            lr=learning_rate(config, step - 1))
-            bar.set_postfix(loss=f"{window[0] / window[1]:.4f}")
-            window = [0.0, 0]
-        if step % checkpoint_every == 0 or step == total:
-            save_checkpoint(run, step, model, opt, generator, None if ema is None else ema.state, meta())
-        bar.update(1)
-        if callback is not None:
-            callback(step, last_loss)
+    with DeferredInterrupt() as stop:
+        while step < total:
+            epoch, k = divmod(step, per_epoch)
+            if epoch != perm_epoch:
+                perm_epoch, perm = epoch, epoch_permutation(n, config.seed, epoch).to(dev)
+            index = perm[k * config.batch_size:(k + 1) * config.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(config, step)
+            loss = dsm_loss(model, images[index], None if labels is None else labels[index], config,
+                            model.schedule, generator)
+            if not torch.isfinite(loss):
+                # stop before the step writes non-finite weights: the checkpoints on disk stay usable
+                raise TrainingError(f"the loss became {loss.item()} at step {step + 1} (learning rate "
+                                    f"{learning_rate(config, step):.3g}): training diverged; nothing non-finite was "
+                                    f"saved. Lower the learning rate (--lr) or clip gradients (--grad-clip)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            step += 1
+            last_loss = loss.item()
+            window = [window[0] + last_loss, window[1] + 1]
+            if step % log_every == 0 or step == total:
+                run.log_metrics(step=step, epoch=step / per_epoch, loss=window[0] / window[1],
+                                lr=learning_rate(config, step - 1))
+                bar.set_postfix(loss=f"{window[0] / window[1]:.4f}")
+                window = [0.0, 0]
+            if step % checkpoint_every == 0 or step == total:
+                save_checkpoint(run, step, model, opt, generator, None if ema is None else ema.state, meta())
+            bar.update(1)
+            if callback is not None:
+                callback(step, last_loss)
+            if stop.requested:              # Ctrl-C: keep every finished step, then stop
+                save_checkpoint(run, step, model, opt, generator, None if ema is None else ema.state, meta())
+                raise KeyboardInterrupt
     bar.close()
     return _finish(run, model, ema, step, dev)
 

@@ -43,7 +43,8 @@ def data_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.root is not None:
         opts["root"] = args.root
     if args.classes is not None:
-        opts["classes"] = [int(c) for c in str(args.classes).split(",")]
+        classes = parse_int_list(args.classes, "--classes")
+        opts["classes"] = classes if isinstance(classes, list) else [classes]
     opts.update(parse_key_values(args.data_opt, "--data-opt"))
     return opts
 
@@ -52,7 +53,17 @@ def parse_patch_sizes(text: str | None) -> int | list[int] | None:
     """'5' -> 5; '15,13,11' -> [15, 13, 11] (a per-step schedule)."""
     if text is None:
         return None
-    sizes = [int(s) for s in str(text).split(",") if s.strip()]
+    return parse_int_list(text, "--patch")  # type: ignore[return-value]
+
+
+def parse_int_list(text: str, flag: str) -> int | list[int]:
+    """'5' -> 5; '3,5,7' -> [3, 5, 7]; anything else is one error naming the flag."""
+    try:
+        sizes = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes an integer or comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise ValueError(f"{flag} takes an integer or comma-separated integers, got {text!r}")
     return sizes[0] if len(sizes) == 1 else sizes
 
 

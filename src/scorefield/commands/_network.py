@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ._args import add_data_arguments, data_options, model_options, parse_key_values
+from ._args import add_data_arguments, data_options, model_options, parse_int_list, parse_key_values
 
 
 def add_network_arguments(p: argparse.ArgumentParser) -> None:
@@ -77,4 +77,7 @@ def load_network(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], di
 
 
 def labels_of(args: argparse.Namespace) -> list[int] | None:
-    return None if args.labels is None else [int(v) for v in args.labels.split(",")]
+    if args.labels is None:
+        return None
+    labels = parse_int_list(args.labels, "--labels")
+    return labels if isinstance(labels, list) else [labels]

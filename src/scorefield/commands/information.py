@@ -50,7 +50,10 @@ def _anchors(text: str | None) -> list[list[int]] | None:
 def run(args: argparse.Namespace) -> int:
     from ..experiments.information_run import information_run
 
-    times = None if args.times is None else [float(v) for v in args.times.split(",") if v.strip()]
+    try:
+        times = None if args.times is None else [float(v) for v in args.times.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--times takes comma-separated times in (0, 1], got {args.times!r}") from None
     network, data, spec, _ = load_network(args)
     translation = None if args.translation is None else args.translation == "yes"
     run_dir = information_run(network, (data.channels, data.height, data.width), n=args.n, times=times,

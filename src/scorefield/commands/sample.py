@@ -7,7 +7,14 @@ import json
 from ..experiments.sample_run import SampleConfig, run_sampling
 from ..sampling import available_samplers
 from ..schedules import SCHEDULES
-from ._args import add_data_arguments, add_model_arguments, data_options, model_options, parse_key_values
+from ._args import (
+    add_data_arguments,
+    add_model_arguments,
+    data_options,
+    model_options,
+    parse_int_list,
+    parse_key_values,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Sample from a denoiser and write a run directory with the samples, a grid, the nearest "
                     "training image of each sample and its distance (memorization check).")
     add_model_arguments(p)
-    add_data_arguments(p)
+    add_data_arguments(p, default=None)
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
     g.add_argument("--steps", type=int, default=20, help="number of steps (default 20)")
@@ -38,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
     o.add_argument("--name", default=None, help="run directory name (default sample-<time>)")
     o.add_argument("--resume", default=None, metavar="RUN", help="finish an interrupted run directory")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -47,12 +55,15 @@ def run(args: argparse.Namespace) -> int:
         sampler_options["eta"] = args.eta
     cfg = SampleConfig(
         model=args.model, model_options=model_options(args), model_run=args.model_run,
-        data=args.data, data_options=data_options(args), n=args.n, steps=args.steps, sampler=args.sampler,
+        data=args.data or (None if args.model_run else "digits"),
+        data_options=data_options(args), n=args.n, steps=args.steps, sampler=args.sampler,
         schedule=args.schedule, sampler_options=sampler_options, seed=args.seed,
-        labels=None if args.labels is None else [int(v) for v in args.labels.split(",")],
+        labels=None if args.labels is None else _as_list(parse_int_list(args.labels, "--labels")),
         batch_size=args.batch_size, save_trajectory=args.save_trajectory, guidance=args.guidance,
         guidance_window=_window(args.guidance_window))
-    run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume)
+    if args.resume is not None and cfg.data_options == {"split": "train", "seed": 0}:
+        cfg.data_options = {}                     # the CLI's defaults: not a request to change the saved run
+    run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume, progress=not args.no_progress)
     summary = run_dir.read_json("summary.json")
     if run_dir.exists("guidance.json"):
         g = run_dir.read_json("guidance.json")
@@ -71,6 +82,10 @@ def _window(text: str | None) -> dict | None:
     try:
         lo, hi = (None if v == "" else float(v) for v in parts)
     except ValueError:
-        raise SystemExit(f"error: --guidance-window must be [VAR:]MIN:MAX (e.g. 0.2:0.6 or sigma:0.5:2), "
+        raise ValueError(f"--guidance-window must be [VAR:]MIN:MAX (e.g. 0.2:0.6 or sigma:0.5:2), "
                          f"got {text!r}") from None
     return {"variable": variable, "min": lo, "max": hi}
+
+
+def _as_list(value: int | list[int]) -> list[int]:
+    return value if isinstance(value, list) else [value]

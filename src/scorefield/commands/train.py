@@ -147,6 +147,10 @@ def _resume(args: argparse.Namespace):
     if not meta.get("data", {}).get("name"):
         raise ValueError(f"{run.path} was trained on in-memory data, not a named dataset: resume it from Python "
                          f"with sf.training.train(model, data, run_dir=...)")
+    differ = resume_differences(args, meta)
+    if differ:
+        raise ValueError(f"cannot resume {run.path} with different options: {'; '.join(differ)} (only --epochs "
+                         "and --steps may change when resuming; start a new run for the others)")
     data = sf.data.load(**meta["data"])
     model = net_from_config(meta["model"])
     options = dict(meta["training"])
@@ -159,6 +163,30 @@ def _resume(args: argparse.Namespace):
     print(f"resuming {run.path} from step {0 if saved is None else saved.step}")
     return train(model, data, run_dir=run, device=args.device, checkpoint_every=args.checkpoint_every,
                  progress=not args.no_progress, data_spec=meta["data"], **options)
+
+
+def resume_differences(args: argparse.Namespace, meta: dict[str, Any]) -> list[str]:
+    """'--flag saved → given' for every option given on the command line that differs from the saved run
+    (options left at their defaults are not requests to change anything)."""
+    saved_training, saved_model = meta.get("training", {}), meta.get("model", {})
+    given = {key: getattr(args, key) for key in TRAINING_FLAGS
+             if key not in ("epochs", "steps") and getattr(args, key) is not None}
+    if args.seed != 0:
+        given["seed"] = args.seed
+    out = [f"--{k.replace('_', '-')} {saved_training.get(k)!r} → {v!r}" for k, v in given.items()
+           if saved_training.get(k) != v]
+    model_given = {"name": args.arch if args.arch != "resnet" else None,
+                   "preset": args.preset if args.preset != "small" else None,
+                   "padding": args.padding if args.padding != "zeros" else None,
+                   "conditional": True if args.conditional else None, **_size_overrides(args)}
+    out += [f"--{'arch' if k == 'name' else k.replace('_', '-')} {saved_model.get(k)!r} → {v!r}"
+            for k, v in model_given.items() if v is not None and saved_model.get(k) != v]
+    saved_data = meta.get("data", {})
+    if args.data != "mnist" and args.data != saved_data.get("name"):
+        out.append(f"--data {saved_data.get('name')!r} → {args.data!r}")
+    if args.subset is not None and args.subset != saved_data.get("subset"):
+        out.append(f"--subset {saved_data.get('subset')!r} → {args.subset!r}")
+    return out
 
 
 def draw_samples(run, model, count: int, steps: int, seed: int):

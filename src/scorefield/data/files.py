@@ -119,6 +119,12 @@ def load_idx_dataset(root: str | Path | None, split: str, name: str,
         raise DataError(f"{image_path}: pixels of type {images.dtype}; expected unsigned bytes (0x08)")
     if len(labels) != len(images):
         raise DataError(f"{label_path}: {len(labels)} labels for {len(images)} images in {image_path.name}")
+    if len(images) == 0:
+        raise DataError(f"{image_path}: holds 0 images; expected at least one")
+    if class_names is not None and labels.max() >= len(class_names):
+        bad = sorted({int(v) for v in labels[labels >= len(class_names)]})[:5]
+        raise DataError(f"{label_path}: labels {bad} are outside the {len(class_names)} classes "
+                        f"0…{len(class_names) - 1} of {name}")
     x = torch.from_numpy(images.astype(np.float32))[:, None] / 255.0 * 2 - 1  # [n, 1, H, W]
     return ImageSet(x, torch.from_numpy(labels.astype(np.int64)), name=name,
                     class_names=class_names or [str(i) for i in range(int(labels.max(initial=0)) + 1)],

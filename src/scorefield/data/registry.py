@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..options import closest
 from .imageset import DataError, ImageSet
 
 Loader = Callable[..., ImageSet]
@@ -23,5 +24,6 @@ def available_datasets() -> list[str]:
 
 def get_loader(name: str) -> Loader:
     if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; available: {', '.join(available_datasets())}")
+        raise DataError(f"unknown dataset '{name}'{closest(name, DATASETS)}; "
+                        f"available: {', '.join(available_datasets())}")
     return DATASETS[name]

@@ -45,7 +45,7 @@ def information_run(model: Denoiser, image_shape: Sequence[int], n: int = 512, t
     translation: use the translation average (circular models) or the anchor pixels (default: translation
     when the model's padding is circular, anchors otherwise)."""
     if n < 2 or part_size < 1:
-        raise ValueError(f"n must be at least 2 and part_size positive, got n={n}, part_size={part_size}")
+        raise ValueError(f"n (--n) must be at least 2 and part_size positive, got n={n}, part_size={part_size}")
     config = {"model": model_spec or {"name": getattr(model, "name", type(model).__name__)},
               "image_shape": list(image_shape), "n": int(n), "times": None if times is None else list(times),
               "steps": int(steps), "schedule": schedule, "sampler": sampler, "labels": labels,

@@ -21,9 +21,10 @@ from .. import data as sf_data
 from .. import models as sf_models
 from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
-from ..options import closest
+from ..engine.memory import check_fits
+from ..options import closest, unknown_options
 from ..runs import RunDir, RunError
-from ..sampling import WINDOW_VARIABLES, Guidance, default_grid, initial_noise, sample
+from ..sampling import SAMPLER_CALL_ARGUMENTS, SAMPLERS, WINDOW_VARIABLES, Guidance, default_grid, initial_noise, sample
 from ..schedules import get_schedule
 from . import engine_log
 
@@ -35,7 +36,7 @@ class SampleConfig:
     model: str = "is"
     model_options: dict[str, Any] = field(default_factory=dict)
     model_run: str | None = None           # a training run directory: load the trained network from it
-    data: str = "digits"
+    data: str | None = "digits"           # None with model_run: the data the network was trained on
     data_options: dict[str, Any] = field(default_factory=dict)
     n: int = 16
     steps: int = 20
@@ -81,6 +82,20 @@ def guidance_of(cfg: SampleConfig, model: sf_models.Denoiser) -> Guidance | None
     return Guidance(scale=float(cfg.guidance), **{f"{variable}_{end}": window.get(end) for end in ("min", "max")})
 
 
+def with_training_data(cfg: SampleConfig) -> SampleConfig:
+    """cfg with data=None replaced by the dataset recorded in its model run (its config.json 'data')."""
+    if cfg.data is not None:
+        return cfg
+    if not cfg.model_run:
+        raise ValueError("data (--data) is needed unless a model run (--model-run) records its training data")
+    run = RunDir.open(cfg.model_run)
+    spec = dict(run.config.get("data") or {})
+    name = spec.pop("name", None)
+    if not name:
+        raise ValueError(f"{run.file('config.json')} does not record its training data by name: pass --data")
+    return replace(cfg, data=name, data_options={**spec, **cfg.data_options})
+
+
 def build_model(cfg: SampleConfig, data: sf_data.ImageSet) -> sf_models.Denoiser:
     if cfg.model_run:
         return sf_models.load(cfg.model_run)
@@ -94,7 +109,10 @@ def sample_labels(cfg: SampleConfig, data: sf_data.ImageSet, model: sf_models.De
             labels = labels.expand(cfg.n)
         if len(labels) != cfg.n:
             raise ValueError(f"{len(labels)} labels given for {cfg.n} samples")
-        return labels
+        if not getattr(model, "conditional", False):
+            raise ValueError(f"labels (--labels) were given but '{cfg.model}' is unconditional (make it "
+                             "conditional: --conditional, or drop --labels)")
+        return _check_labels(labels, data)
     if getattr(model, "conditional", False):
         if data.num_classes == 0:
             raise ValueError(f"model '{cfg.model}' is conditional but dataset '{cfg.data}' has no labels")
@@ -121,23 +139,88 @@ def _saved_config(run: RunDir) -> SampleConfig:
     return SampleConfig(**saved)
 
 
-def run_sampling(cfg: SampleConfig, root: str | Path = "runs", name: str | None = None,
+def resume_differences(saved: SampleConfig, given: SampleConfig | None) -> list[str]:
+    """'field saved → given' for every field that `given` sets away from the defaults and the saved run differs
+    in (batch_size is safe to change only before any batch is finished, so it is compared too)."""
+    if given is None:
+        return []
+    default = SampleConfig()
+    out = []
+    for f in fields(SampleConfig):
+        value, before = getattr(given, f.name), getattr(saved, f.name)
+        if value != getattr(default, f.name) and value != before and f.name != "model":
+            out.append(f"{f.name} {before!r} → {value!r}")
+    return out
+
+
+def check_sampling_config(cfg: SampleConfig) -> None:
+    """The sampling options alone (no data, no model): counts, sampler name and keys, η."""
+    for key in ("n", "steps", "batch_size"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} (--{key.replace('_', '-')}) must be a positive integer, got {value!r}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler '{cfg.sampler}'{closest(cfg.sampler, SAMPLERS)}; available: "
+                         f"{', '.join(sorted(SAMPLERS))}")
+    problem = unknown_options(cfg.sampler_options, SAMPLERS[cfg.sampler], skip=SAMPLER_CALL_ARGUMENTS)
+    if problem:
+        raise ValueError(f"sampler '{cfg.sampler}' (--sampler-opt): {problem}")
+    eta = cfg.sampler_options.get("eta")
+    if eta is not None and not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"eta (--eta) must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+    get_schedule(cfg.schedule)
+
+
+def check_sampling_memory(cfg: SampleConfig, data: sf_data.ImageSet) -> None:
+    """Refuse a run whose arrays (samples, per-batch trajectories) would not fit in free memory."""
+    pixels = data.channels * data.height * data.width
+    batch = min(cfg.batch_size, cfg.n)
+    per_batch = batch * pixels * 4 * (3 + (2 * (cfg.steps + 1) if cfg.save_trajectory else 0))
+    estimate = max(per_batch, cfg.n * pixels * 4 * 4)       # the batches, then samples + nearest + noise
+    estimate += cfg.steps * 8 * 4                           # the time grid and its ᾱ, σ in float64
+    check_fits(estimate, "cpu", f"sampling {cfg.n} images of {pixels} pixels over {cfg.steps} steps",
+               "lower --n, --steps or --batch-size, or drop --save-trajectory")
+
+
+def _check_labels(labels: torch.Tensor, data: sf_data.ImageSet) -> torch.Tensor:
+    if data.num_classes and ((labels < 0) | (labels >= data.num_classes)).any():
+        bad = sorted({int(v) for v in labels[(labels < 0) | (labels >= data.num_classes)]})
+        raise ValueError(f"labels (--labels) {bad} are outside the dataset's classes 0…{data.num_classes - 1}")
+    return labels
+
+
+def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", name: str | None = None,
                  resume: str | Path | None = None, progress: bool = True) -> RunDir:
     """Sample `cfg.n` images with `cfg.model` trained on / built from `cfg.data`; returns the run directory.
 
-    resume: an existing run directory of this job; its config is used and finished batches are kept.
+    Everything is checked (names, option keys, ranges, labels against the model, memory) before the run
+    directory is created. resume: an existing run directory of this job; its saved config is used and its
+    finished batches are kept. A `cfg` given with `resume` must agree with the saved one in every field it
+    sets away from the defaults (`resume_differences`); a difference is refused with the list.
     """
     if resume is not None:
         run = RunDir.open(resume).lock()
-        cfg = _saved_config(run)
+        try:
+            saved = _saved_config(run)
+            differ = resume_differences(saved, cfg)
+            if differ:
+                raise RunError(f"cannot resume {run.path} with different options: {'; '.join(differ)} "
+                               "(start a new run, or resume without them)")
+        except BaseException:
+            run.release()
+            raise
+        cfg = saved
     else:
-        if cfg.n < 1 or cfg.batch_size < 1:
-            raise ValueError(f"n and batch_size must be positive, got n={cfg.n}, batch_size={cfg.batch_size}")
+        if cfg is None:
+            raise ValueError("run_sampling needs a SampleConfig (or resume=RUN)")
         run = None
+    check_sampling_config(cfg)
+    cfg = with_training_data(cfg)
     data = sf_data.load(cfg.data, **cfg.data_options)
     model = build_model(cfg, data)
     labels = sample_labels(cfg, data, model)
     guidance = guidance_of(cfg, model)
+    check_sampling_memory(cfg, data)
     if cfg.model_run:  # record what was actually sampled, not the default machine name
         cfg = replace(cfg, model=str(model.config.get("name", model.name)))
     if run is None:
@@ -201,12 +284,17 @@ def finish_run(run: RunDir, data: sf_data.ImageSet) -> dict[str, Any]:
                "max_rms_distance": float(distance.max()),
                "fraction_memorized(rms<0.01)": float((distance < 0.01).double().mean()),
                "engine": engine_log.summarize(run)}
-    if not run.exists("memorization.csv"):
-        run.save_table("memorization", rows, title="Nearest training image of each sample (RMS per pixel)")
-        run.write_json("summary.json", summary)
+    # each final file is written atomically and on its own, so a run killed between two of them resumes
+    if not (run.exists("memorization.csv") and run.exists("memorization.md")):
+        run.save_table("memorization", rows, replace=True,
+                       title="Nearest training image of each sample (RMS per pixel)")
+    if not run.exists("nearest.png"):
         show = min(len(samples), 16)
         titles = [f"{d:.3f}" for d in distance[:show].tolist()]
         run.save_figure("nearest", image_grid_figure([samples[:show], data.images[index[:show]]],
                                                      row_titles=["sample", "nearest"], col_titles=titles))
+    if not run.exists("samples.png"):
         run.save_figure("samples", grid_figure(samples))
+    if not run.exists("summary.json"):                        # last: its presence marks a finished run
+        run.write_json("summary.json", summary)
     return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..data import ImageSet
+from ..engine.memory import check_fits
 from .base import Denoiser
 from .registry import ModelConfigError, register_model
 
@@ -88,6 +89,10 @@ def build_gaussian(data: ImageSet, covariance: str = "full", mean: Tensor | None
     """
     shape = (data.channels, data.height, data.width)
     if covariance == "full":
+        d = data.channels * data.height * data.width
+        # the D×D covariance in float64, its symmetrized copy and eigenvectors, and eigh's workspace
+        check_fits(4.0 * 8 * d * d, "cpu", f"a full {d}×{d} covariance",
+                   "use covariance='fourier' (--model-opt covariance=fourier) or smaller images")
         x = data.images.reshape(len(data), -1).to(torch.float64)
         m = x.mean(0) if mean is None else torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
         if cov is None:

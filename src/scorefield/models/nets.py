@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageSet
+from ..options import closest
 from ..schedules import SCHEDULES, get_schedule
 from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
 from .registry import ModelConfigError, register_model
@@ -377,10 +378,11 @@ def resolve_options(arch: str, preset: str = "paper", padding: str = "zeros", co
                                f"size options: {', '.join(presets[preset])}; also preset, padding, "
                                f"conditional, schedule")
     if padding not in PADDINGS:
-        raise ModelConfigError(f"padding must be one of {', '.join(PADDINGS)}, got '{padding}'")
+        raise ModelConfigError(f"padding must be one of {', '.join(PADDINGS)}, got '{padding}'"
+                               f"{closest(str(padding), PADDINGS)}")
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ModelConfigError(f"schedule must be one of {', '.join(sorted(SCHEDULES))} (a name, so that the "
-                               f"net can be saved), got {schedule!r}")
+                               f"net can be saved), got {schedule!r}{closest(str(schedule), SCHEDULES)}")
     sizes = {**presets[preset], **overrides}
     for key, value in sizes.items():
         values = value if isinstance(value, (list, tuple)) else [value]
@@ -390,6 +392,18 @@ def resolve_options(arch: str, preset: str = "paper", padding: str = "zeros", co
         raise ModelConfigError(f"emb_dim must be even (sin and cos halves), got {sizes['emb_dim']}")
     return {"preset": preset, "padding": padding, "conditional": bool(conditional), "schedule": schedule,
             **{k: (list(v) if isinstance(v, (list, tuple)) else int(v)) for k, v in sizes.items()}}
+
+
+def check_net_fits(arch: str, image_shape: tuple[int, int, int], kwargs: dict[str, Any]) -> None:
+    """Refuse a net whose weights (plus Adam's two moments and a gradient: ×4) would not fit in free memory;
+    the count is exact: the net is first built on the meta device, which allocates nothing."""
+    from ..engine.memory import check_fits
+
+    with torch.device("meta"):
+        shadow = ARCHITECTURES[arch](image_shape, **kwargs)
+    count = sum(p.numel() for p in shadow.parameters())
+    check_fits(4.0 * 4 * count, "cpu", f"a {arch} with {count:,} parameters (width {kwargs.get('width')})",
+               "choose a smaller width / depth / preset")
 
 
 def build_net(arch: str, image_shape: tuple[int, int, int], num_classes: int = 0, **options: Any) -> NetDenoiser:
@@ -402,6 +416,7 @@ def build_net(arch: str, image_shape: tuple[int, int, int], num_classes: int = 0
     config = {"name": arch, "image_shape": [int(s) for s in image_shape], "num_classes": int(num_classes),
               **resolved}
     kwargs = {k: v for k, v in config.items() if k not in ("name", "preset", "image_shape")}
+    check_net_fits(arch, tuple(config["image_shape"]), kwargs)
     model = ARCHITECTURES[arch](tuple(config["image_shape"]), **kwargs)
     model.config = config
     return model
