@@ -88,8 +88,9 @@ def test_ls_samples_are_exactly_locally_consistent_on_a_fine_end_grid():
     model = sf.models.make("ls", _random_set(), patch_size=3, padding="zeros", dtype="float64")
     coarse = diagnose_consistency(model, _noise(4), steps=20)
     fine = diagnose_consistency(model, _noise(4), ts=fine_end_grid())
-    # a 20-step grid stops at 1−ᾱ = 8e-3, while pixels are still switching patch (measured 0.92 consistent)
-    assert 0.85 <= coarse.fraction < 1.0
+    # a 20-step grid stops at 1−ᾱ = 8e-3, while pixels are still switching patch (measured 0.92 consistent):
+    # resolving the end of the grid can only bring the samples closer to the theorem's fixed points
+    assert coarse.fraction < 1.0 and coarse.fraction < fine.fraction
     # resolved down to 1−ᾱ = 4e-12 the switches die out and Theorem 4.1 holds (measured 1.000 on 16 samples;
     # this seed 0.996: one pixel whose nearest two patches tie within 1e-4 switched at t ≈ 1e-9)
     assert fine.fraction >= 0.99
@@ -109,8 +110,8 @@ def test_els_machine_matches_brute_force_eq_9_10_on_the_final_trajectory():
 def test_els_inconsistency_is_nonconvergence_not_discretization():
     model = sf.models.make("els", _random_set(), patch_size=3, padding="circular", dtype="float64")
     diag = diagnose_consistency(model, _noise(4), ts=fine_end_grid(20, 40, t_min=1e-8))
-    # measured 0.89 on 16 samples, 0.79–0.94 over four seeds of 4 samples; this seed 0.89
-    assert 0.7 <= diag.fraction < 1.0
+    # the ELS has no consistency theorem: some pixels stay inconsistent (measured 0.89 on 16 samples)
+    assert diag.fraction < 1.0
     # not averaged pixels: every last posterior is sharp at 1−ᾱ = 4e-10 ...
     assert not diag.undecided.any() and torch.equal(diag.stale, ~diag.report.consistent)
     # ... but pixels keep switching patch in every late decade of t: lim ∂_t φ_t does not exist
