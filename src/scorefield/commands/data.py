@@ -68,6 +68,19 @@ def _short(value: Any, limit: int = 8) -> Any:
     return value
 
 
+def _provenance_lines(key: str, value: Any, indent: str = "  ") -> list[str]:
+    """One line per entry; a nested dict (a sampler's diagnostics) indented below its key, floats to 4 digits."""
+    if isinstance(value, dict):
+        if all(not isinstance(v, (dict, list)) for v in value.values()) and len(value) <= 4:
+            inner = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
+            return [f"{indent}{key}: {inner}"]
+        lines = [f"{indent}{key}:"]
+        for k, v in value.items():
+            lines.extend(_provenance_lines(k, v, indent + "  "))
+        return lines
+    return [f"{indent}{key}: {value:.4g}" if isinstance(value, float) else f"{indent}{key}: {_short(value)}"]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"dataset     {summary['name']}",
              f"images      {summary['n']}",
@@ -84,7 +97,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for key, value in summary["provenance"].items():
         if key == "operations":
             value = "; ".join(value)
-        lines.append(f"  {key}: {_short(value)}")
+        lines.extend(_provenance_lines(key, value))
     return "\n".join(lines)
 
 

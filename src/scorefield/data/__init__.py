@@ -9,7 +9,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from . import bundled, files, synthetic  # noqa: F401  (registers loaders)
+from . import bundled, files, phi4, synthetic  # noqa: F401  (registers loaders; phi4 also holds the φ⁴ observables)
 from .imageset import DataError, ImageSet
 from .options import apply_options
 from .registry import DATASETS, available_datasets, get_loader, register_dataset
