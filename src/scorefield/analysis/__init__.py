@@ -1,4 +1,5 @@
 """Analyses of denoisers and trajectories."""
+from . import classifiers as classifiers
 from . import criticality as criticality
 from . import eft as eft
 from . import information as information
