@@ -236,3 +236,237 @@ def test_bad_inputs_name_the_argument(tanh5):
         cr.ginzburg_landau_two_state(0.0, patch_area=25)
     with pytest.raises(ValueError, match="alpha_bar"):
         cr.uniform_mode_eigenvalue(tanh5, 0.0)
+
+
+# ---- 7. dξ/d log t, peak times, the instability window ------------------------------------------------------------
+
+def test_log_time_derivative_is_exact_for_polynomials_in_log_t_away_from_the_ends():
+    t = torch.exp(torch.linspace(math.log(50.0), math.log(1e-3), 801, dtype=torch.float64))   # descending, eq. 59
+    u = t.log()
+    width = 0.1
+    inner = (u - u.min() > 6 * width) & (u.max() - u > 6 * width)
+    # linear and quadratic in u: Gaussian smoothing adds a constant (w² for u²), the derivative is untouched
+    curves = torch.stack([3 * u + 1, u**2 - 2 * u])
+    d = cr.log_time_derivative(curves, t, width)
+    torch.testing.assert_close(d[0, inner], torch.full_like(u[inner], 3.0), rtol=0, atol=1e-6)
+    torch.testing.assert_close(d[1, inner], 2 * u[inner] - 2, rtol=0, atol=1e-4)
+    # width 0 is plain second-order differences; NaN entries are skipped by the smoother
+    torch.testing.assert_close(cr.smooth_log_time(curves, t, 0.0), curves)
+    holes = curves.clone()
+    holes[:, ::7] = float("nan")
+    torch.testing.assert_close(cr.log_time_derivative(holes, t, width)[0, inner], d[0, inner], rtol=0, atol=1e-6)
+
+
+def test_growth_peak_of_a_tanh_front_is_at_its_centre():
+    t = torch.exp(torch.linspace(math.log(50.0), math.log(1e-3), 2001, dtype=torch.float64))
+    t_star = 1.7
+    xi = 5 * torch.tanh((math.log(t_star) - t.log()) / 0.4) + 5            # grows as t decreases
+    peak = cr.median_peak(-cr.log_time_derivative(xi[None].expand(3, -1), t, 0.05), t, "max")
+    spacing = math.log(50 / 1e-3) / 2000
+    assert abs(math.log(peak.t / t_star)) <= spacing
+    assert peak.value == pytest.approx(5 / 0.4, rel=3e-2)                  # max of d/du 5 tanh(u/0.4), smoothed
+    onset = cr.rise_time(xi[None], t, 0.5)                                 # half the rise: the centre
+    assert abs(math.log(onset.t / t_star)) <= spacing
+
+
+def test_median_peak_ignores_times_where_few_trajectories_have_a_value():
+    t = torch.tensor([4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    nan = float("nan")
+    xi_eq = torch.tensor([[1.0, 2.0, nan, 1.5], [1.2, 2.5, nan, 1.0], [0.8, 2.2, 99.0, 1.1]], dtype=torch.float64)
+    assert cr.critical_time_from_xi_eq(xi_eq, t).t == 3.0                 # 99 stands alone among NaN
+    assert cr.median_peak(xi_eq, t, "max").t == 2.0                        # min_fraction = 0 keeps it
+    assert cr.critical_time_from_xi_eq(xi_eq, t, t_range=(0.5, 2.5)).t == 1.0
+    with pytest.raises(ValueError, match="values"):
+        cr.median_peak(torch.full((2, 4), nan), t)
+    # λ_0 medians over 3 trajectories: 0.4, −0.05, −0.2, 0.1, 0.3 -> unstable from t = 4 until t = 2
+    lam0 = torch.tensor([[0.4, 0.1, -0.2, -0.1, 0.3], [0.5, -0.05, -0.3, 0.2, 0.4], [0.3, -0.1, 0.1, 0.1, 0.2]],
+                        dtype=torch.float64)
+    times = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0], dtype=torch.float64)
+    win = cr.instability_window(lam0, times)
+    assert (win.t_enter, win.t_exit, win.index_enter, win.index_exit) == (4.0, 2.0, 1, 3)
+    assert math.isnan(cr.instability_window(lam0.abs(), times).t_enter)   # never unstable
+
+
+class _Dispersion:
+    """A linear circular convolution x̂₀ = K_t ⊛ x whose reverse-SDE drift (constant schedule, γ = ½) has
+    λ(k) = λ₀(1 + ξ(t)²|k|²) exactly: √ᾱ K̂(k) = 1 − σ²(λ(k) + γ)/(2γ) (inverting the drift of test 3)."""
+
+    def __init__(self, size: int, xi_of_t, lam0: float = 0.3) -> None:
+        k = torch.fft.fftfreq(size, dtype=torch.float64) * 2 * math.pi
+        self.k2 = k[:, None] ** 2 + k[None, :] ** 2                        # [H, W]
+        self.xi_of_t, self.lam0 = xi_of_t, lam0
+
+    def __call__(self, x: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+        ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        t = -ab.log()
+        lam = self.lam0 * (1 + self.xi_of_t(t)[:, None, None] ** 2 * self.k2)  # [B, H, W]
+        gamma, s2 = 0.5, 1 - ab[:, None, None]
+        k_hat = (1 - s2 * (lam + gamma) / (2 * gamma)) / ab.sqrt()[:, None, None]
+        return torch.fft.ifft2(torch.fft.fft2(x) * k_hat[:, None]).real
+
+
+def test_xi_eq_argmax_picks_the_time_of_a_known_xi_eq_peak():
+    t_star, size = 2.5, 32
+
+    def xi_of_t(t, scale=1.0):
+        return scale * (2 + 6 * torch.exp(-((t.log() - math.log(t_star)) ** 2) / (2 * 0.25**2)))
+
+    t = torch.exp(torch.linspace(math.log(10.0), math.log(0.1), 41, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    xi_eq = torch.empty(3, len(t), dtype=torch.float64)
+    for n, scale in enumerate((0.9, 1.0, 1.1)):                             # three "trajectories"
+        model = _Dispersion(size, lambda tt, s=scale: xi_of_t(tt, s))
+        x = torch.randn(len(t), 1, size, size, generator=g, dtype=torch.float64)   # the state is irrelevant
+        soft = cr.mode_softening(model, x, torch.exp(-t), method="jvp")
+        torch.testing.assert_close(soft.xi_eq, xi_of_t(t, scale), rtol=1e-8, atol=1e-8)
+        xi_eq[n] = soft.xi_eq
+    peak = cr.critical_time_from_xi_eq(xi_eq, t)
+    assert peak.t == pytest.approx(t_star, rel=0.06)                      # the grid point nearest t*
+    assert peak.index == int(torch.argmin((t.log() - math.log(t_star)).abs()))
+    assert peak.value == pytest.approx(8.0, rel=1e-2)                      # the median trajectory's peak
+
+
+# ---- 8. critical-time theory: spectral criterion, speciation, the table -------------------------------------------
+
+def _checkerboard(p: int) -> torch.Tensor:
+    i = torch.arange(p)
+    return ((i[:, None] + i[None, :]) % 2 * 2 - 1).to(torch.float64)
+
+
+def test_spectral_criterion_on_a_dictionary_with_closed_form_covariance():
+    p, w1, w2 = 3, 0.9, 0.1
+    u, c = torch.ones(p, p, dtype=torch.float64), _checkerboard(p)
+    patterns = torch.stack([u, -u, c, -c])
+    priors = torch.tensor([w1 / 2, w1 / 2, w2 / 2, w2 / 2], dtype=torch.float64)
+    # ± symmetric: μ = 0 and C = w1 uuᵀ + w2 ccᵀ (eq. 30 with the prior as weights)
+    uf, cf = u.flatten(), c.flatten()
+    expected = w1 * torch.outer(uf, uf) + w2 * torch.outer(cf, cf)
+    cov = cr.patch_covariance(patterns, priors)
+    torch.testing.assert_close(cov, expected, rtol=0, atol=1e-14)
+    # its non-zero eigenvalues are those of the 2×2 Gram matrix [[w1 u·u, √(w1w2) u·c], [·, w2 c·c]]
+    a, d, b = w1 * p * p, w2 * p * p, math.sqrt(w1 * w2) * float(uf @ cf)
+    lam = (a + d) / 2 + math.sqrt(((a - d) / 2) ** 2 + b * b)
+    assert cr.top_eigenvalue(cov) == pytest.approx(lam, rel=1e-13)
+    # σ²(t_c) = α²(t_c)·λ_max (eq. 43): t_c = log(1 + λ) on the constant schedule, ᾱ = 1/(1+λ) on any schedule
+    assert cr.critical_time_spectral(lam) == pytest.approx(math.log1p(lam), rel=1e-15)
+    assert cr.critical_time_spectral(lam, ConstantVPSchedule(beta=2.0)) == pytest.approx(math.log1p(lam) / 2)
+    for name in ("cosine", "linear"):
+        sched = sf.schedules.get_schedule(name)
+        tc = torch.tensor(cr.critical_time_spectral(lam, name), dtype=torch.float64)
+        ab = float(sched.alpha_bar(tc))
+        assert 1 - ab == pytest.approx(ab * lam, rel=1e-9)                # σ² = α² λ_max
+    # the rank-one two-state dictionary: λ_max(C) = |Ω| and the spectral t_c is the tree-level one
+    two = cr.patch_covariance(torch.stack([torch.ones(5, 5), -torch.ones(5, 5)]))
+    assert cr.top_eigenvalue(two) == pytest.approx(25.0, rel=1e-14)
+    assert cr.critical_time_spectral(cr.top_eigenvalue(two)) == pytest.approx(cr.critical_time_two_state(25))
+    # uniform priors over ±ξ^a: C = (1/M) Σ_a ξ^a ξ^aᵀ (eq. 30)
+    g = torch.Generator().manual_seed(4)
+    xi = torch.randint(0, 2, (4, 5, 5), generator=g).to(torch.float64) * 2 - 1
+    flat = xi.flatten(1)
+    torch.testing.assert_close(cr.patch_covariance(torch.cat([xi, -xi])), flat.T @ flat / 4, rtol=0, atol=1e-13)
+
+
+def test_table_two_state_critical_time_is_log_one_plus_omega():
+    for area in (9, 25, 49):
+        rows = cr.critical_time_table("constant", patch_area=area)
+        row = next(r for r in rows if r["estimate"].startswith("two-state"))
+        assert row["t"] == cr.critical_time_two_state(area) == math.log1p(area)
+        assert row["alpha_bar"] == pytest.approx(1 / (1 + area), rel=1e-15)
+        assert row["sigma_ve"] == pytest.approx(math.sqrt(area), rel=1e-12)
+        assert row["t_over_two_state"] == 1.0
+    # another schedule: the same ᾱ = 1/26 at its own time
+    row = cr.critical_time_table("cosine", patch_area=25)[0]
+    assert row["alpha_bar"] == pytest.approx(1 / 26, rel=1e-9)
+    # the paper's dictionary: every estimate present, measured rows appended
+    from scorefield.data.synthetic import make_patch_dictionary
+
+    d = make_patch_dictionary()
+    rows = cr.critical_time_table("constant", 25, d.patterns, d.priors, (80, 80), data_eigenvalue=30.0,
+                                  measured=[("argmax ξ_eq", 3.0, "")])
+    assert [r["kind"] for r in rows].count("theory") == 7 and rows[-1]["kind"] == "measured"
+    assert set(rows[0]) == set(cr.TABLE_COLUMNS)
+    spectral = next(r for r in rows if r["estimate"].startswith("spectral"))
+    assert spectral["t"] == pytest.approx(math.log1p(cr.top_eigenvalue(cr.patch_covariance(d.patterns, d.priors))))
+    assert 3.0 < spectral["t"] < math.log(26)                             # λ_max ≈ 22.6 < |Ω|
+
+
+def test_speciation_time_conversion():
+    lam = 40.0
+    assert cr.speciation_time(lam) == pytest.approx(math.log(lam), rel=1e-15)           # t_s = 2 t_S at β = 1
+    assert cr.speciation_time(lam, ConstantVPSchedule(beta=2.0)) == pytest.approx(0.5 * math.log(lam))   # = t_S
+    sched = sf.schedules.get_schedule("cosine")
+    ts = torch.tensor(cr.speciation_time(lam, "cosine"), dtype=torch.float64)
+    assert float(sched.alpha_bar(ts)) == pytest.approx(1 / lam, rel=1e-9)
+    assert cr.speciation_alpha_bar(lam) == 1 / lam
+    # the spectral criterion with λ_max = Λ lies later in t by log((1+Λ)/Λ)
+    assert cr.critical_time_spectral(lam) - cr.speciation_time(lam) == pytest.approx(math.log((1 + lam) / lam))
+    with pytest.raises(ValueError, match="data_eigenvalue"):
+        cr.speciation_time(0.8)
+
+
+def test_data_covariance_top_eigenvalue_routes_agree():
+    # the two-state images {+1, −1} (L×L): covariance 11ᵀ, Λ = L²
+    two = torch.cat([torch.ones(3, 1, 6, 6), -torch.ones(3, 1, 6, 6)])
+    assert cr.data_covariance_top_eigenvalue(two) == pytest.approx(36.0, rel=1e-12)
+    assert cr.data_covariance_top_eigenvalue(two, stationary=True) == pytest.approx(36.0, rel=1e-12)
+    # all H·W translates of a few fields: the sample covariance is exactly circulant, both routes agree
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)
+    rolled = torch.stack([torch.roll(base, (a, b), (-2, -1)) for a in range(6) for b in range(6)]).flatten(0, 1)
+    full = cr.data_covariance_top_eigenvalue(rolled)
+    assert cr.data_covariance_top_eigenvalue(rolled, stationary=True) == pytest.approx(full, rel=1e-10)
+    # fewer images than pixels: the Gram route gives the same non-zero spectrum
+    few = torch.randn(5, 1, 6, 6, generator=g, dtype=torch.float64)
+    flat = few.flatten(1) - few.flatten(1).mean(0)
+    assert cr.data_covariance_top_eigenvalue(few) == pytest.approx(
+        float(torch.linalg.eigvalsh(flat.T @ flat / 5)[-1]), rel=1e-10)
+    # patch covariance of images: two-state images have C = 11ᵀ, λ_max = P²
+    cov = cr.patch_covariance_of_images(two, 3)
+    assert cr.top_eigenvalue(cov) == pytest.approx(9.0, rel=1e-12)
+    valid = cr.patch_covariance_of_images(few, 3, padding="valid")
+    cols = torch.nn.functional.unfold(few, 3).permute(0, 2, 1).reshape(-1, 9)
+    torch.testing.assert_close(valid, torch.cov(cols.T, correction=0), rtol=1e-10, atol=1e-12)
+
+
+# ---- 9. the dictionary machine: convolutional form and its zero-field instability ---------------------------------
+
+@pytest.mark.parametrize("padding", ["circular", "zeros"])
+def test_convolutional_dictionary_equals_the_machine(padding):
+    g = torch.Generator().manual_seed(6)
+    patterns = torch.randint(0, 2, (6, 2, 3, 3), generator=g).float() * 2 - 1      # two channels, no symmetry
+    priors = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    data = sf.data.load("two-image", size=9)
+    data2 = sf.data.ImageSet(data.images.expand(-1, 2, -1, -1).clone(), name="two")
+    machine = sf.models.make("dictionary", data2, patterns=patterns, priors=priors, padding=padding,
+                             dtype="float64")
+    fast = cr.PatchDictionaryDenoiser.from_machine(machine)
+    x = torch.randn(3, 2, 9, 11, generator=g, dtype=torch.float64)
+    for ab in (1e-3, 0.1, 0.5, 0.95):
+        torch.testing.assert_close(fast(x, ab), machine(x, ab), rtol=1e-11, atol=1e-11)
+    direct = cr.PatchDictionaryDenoiser(patterns, priors, padding=padding)
+    torch.testing.assert_close(direct(x, 0.3), machine(x, 0.3), rtol=1e-6, atol=1e-6)   # float32 log-priors
+    with pytest.raises(ValueError, match="machine"):
+        cr.PatchDictionaryDenoiser.from_machine(sf.models.make("tanh", data))
+
+
+def test_dictionary_machine_uniform_mode_changes_sign_at_log_one_plus_response():
+    from scorefield.data.synthetic import make_patch_dictionary
+
+    d = make_patch_dictionary(patch_size=3, n_random=4, global_mass=0.7, seed=2)
+    data = sf.data.load("two-image", size=9)
+    machine = sf.models.make("dictionary", data, patterns=d.patterns, priors=d.priors, dtype="float64")
+    fast = cr.PatchDictionaryDenoiser.from_machine(machine)
+    k0 = float(cr.dictionary_response_kernel(fast.patterns, fast.priors).sum())           # K̂(0)
+    t = torch.linspace(0.3, 5.0, 9, dtype=torch.float64)
+    a2, s2 = torch.exp(-t), -torch.expm1(-t)
+    torch.testing.assert_close(cr.uniform_mode_eigenvalue(machine, a2), 1 / s2 - a2 * k0 / s2**2,
+                               rtol=1e-9, atol=1e-9)
+    # r(t) = 0 at t = log(1 + K̂(0)); on a lattice where k = 0 is the most unstable mode that is the zero-field row
+    tc = math.log1p(k0)
+    assert cr.uniform_mode_eigenvalue(machine, math.exp(-(tc - 1e-3))).item() < 0 < \
+        cr.uniform_mode_eigenvalue(machine, math.exp(-(tc + 1e-3))).item()
+    assert cr.zero_field_max_response(fast.patterns, fast.priors, (9, 9)) >= k0 - 1e-12
+    # the ξ_eq divergence of the reverse-SDE drift: λ_0 = −½ + r(0) = 0 at ᾱ = √(K²+1) − K
+    ab = cr.zero_field_softening_alpha_bar(k0)
+    soft = cr.mode_softening(machine, torch.zeros(1, 1, 9, 9, dtype=torch.float64), ab, shells=3)
+    assert abs(soft.lambdas[0, 0].item()) < 1e-9
