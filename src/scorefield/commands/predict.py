@@ -3,7 +3,9 @@ With no network given, this is the main job: the bundled MNIST ResNet against bb
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
+from ._args import parse_key_values
 from ._network import add_network_arguments, add_sampling_arguments, labels_of, load_network, parse_sizes
 
 
@@ -16,7 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_network_arguments(p)
     g = p.add_argument_group("prediction")
     g.add_argument("--theories", default=None, help="comma-separated theories (default is,ls,bbels or "
-                   "is,ls,els by the network's padding)")
+                   "is,ls,els by the network's padding): any registered model, e.g. the local score machines "
+                   "and wiener, pca-locality, cfdm, pspc, topk, nearest")
+    g.add_argument("--theory-opt", action="append", metavar="THEORY:KEY=VALUE",
+                   help="an option of one theory, e.g. topk:k=50, pspc:patch_size=5, pca-locality:tau=0.05 "
+                   "(repeatable)")
     g.add_argument("--seeds", type=int, default=16, help="samples, seeds 0..N-1 (default 16; the paper 100)")
     g.add_argument("--schedule-from", default=None, metavar="CAL_RUN", help="a calibration run directory")
     g.add_argument("--patch-sizes", default=None, help="a patch-size schedule, lowest noise first, e.g. the "
@@ -27,17 +33,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def parse_theory_options(items: list[str] | None, theories: list[str] | None) -> dict[str, dict[str, Any]]:
+    """['topk:k=50', 'pspc:patch_size=5'] -> {"topk": {"k": 50}, "pspc": {"patch_size": 5}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items or []:
+        name, sep, option = item.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--theory-opt expects THEORY:KEY=VALUE, got '{item}'")
+        name = name.strip()
+        if theories is not None and name not in theories:
+            raise ValueError(f"--theory-opt names '{name}', which is not among --theories {','.join(theories)}")
+        out.setdefault(name, {}).update(parse_key_values([option], "--theory-opt"))
+    return out
+
+
+def check_before_work(args: argparse.Namespace, theories: list[str] | None) -> None:
+    """Refuse a bad seed count or an unknown theory before anything is loaded or calibrated."""
+    from ..models import MODELS
+    from ..options import closest
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    for name in theories or []:
+        if name not in MODELS:
+            raise ValueError(f"--theories: unknown model '{name}'{closest(name, MODELS)}; available: "
+                             f"{', '.join(sorted(MODELS))}")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..experiments.calibration import calibrate
+    from ..experiments.calibration import PATCH_MACHINES, calibrate
     from ..experiments.prediction import predict
     from ..runs import RunDir, markdown_table
 
-    network, data, net_spec, data_spec = load_network(args)
     theories = None if args.theories is None else [t.strip() for t in args.theories.split(",") if t.strip()]
+    check_before_work(args, theories)
+    theory_options = parse_theory_options(args.theory_opt, theories)
+    network, data, net_spec, data_spec = load_network(args)
     schedule_from, cal_run = args.schedule_from, args.schedule_from
+    # only the local score machines take the calibrated schedule (unless given their own patch_size)
+    needs_schedule = theories is None or any(t in PATCH_MACHINES and "patch_size" not in theory_options.get(t, {})
+                                             for t in theories)
     if args.patch_sizes is not None:
         schedule_from = parse_sizes(args.patch_sizes)
-    elif schedule_from is None and args.resume is None:
+    elif schedule_from is None and args.resume is None and needs_schedule:
         cal = calibrate(network, data, patch_sizes=parse_sizes(args.sizes), seeds=range(args.cal_seeds),
                         steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=None,
                         clip_x0=not args.no_clip, out=args.out, name=None if args.name is None else
@@ -51,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
         schedule_from = cal_run
     res = predict(network, data, theories=theories, schedule_from=schedule_from, seeds=range(args.seeds),
                   steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=labels_of(args),
-                  clip_x0=not args.no_clip, out=args.out, name=args.name, resume=args.resume,
-                  progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec, calibration_run=cal_run)
+                  clip_x0=not args.no_clip, theory_options=theory_options, out=args.out, name=args.name,
+                  resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec,
+                  calibration_run=cal_run)
     cols = [c for c in res.table[0] if c not in ("r2_q25", "r2_q75", "pearson_q25", "pearson_q75")]
     print(markdown_table(res.table, cols, title="agreement with the network (r²: coefficient of determination)"))
     net = res.samples["network"]

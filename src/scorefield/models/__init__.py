@@ -4,7 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoints import load_denoiser
-from . import gaussian, machines, nets  # noqa: F401  (each registers its models)
+
+# each registers its models (theories: Wiener, PCA-locality, smoothed CFDM, PSPC, top-k, nearest); adapters is
+# sf.models.adapters (diffusers, EDM / k-diffusion), which imports neither library
+from . import adapters, gaussian, machines, nets, theories  # noqa: F401
 from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
 from .registry import MODELS, ModelConfigError, available_models, make, register_model
 
