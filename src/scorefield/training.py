@@ -72,6 +72,7 @@ class TrainConfig:
     ema: float | None = None
     label_dropout: float = 0.1
     seed: int = 0
+    process: dict[str, Any] | None = None   # a component forward process (sf.forward; RG slides), as its spec
 
     # these may change between an interrupted run and its continuation
     RESUMABLE_CHANGES = ("epochs", "steps")
@@ -250,14 +251,17 @@ def train(model: NetDenoiser, data: ImageSet, run_dir: str | Path | RunDir | Non
           resume: bool = True, progress: bool = True, device: str | torch.device | None = None,
           weight_decay: float = 0.0, label_dropout: float = 0.1, log_every: int = 10,
           out: str | Path = "runs", name: str | None = None, data_spec: dict[str, Any] | None = None,
-          callback: Callable[[int, float], None] | None = None) -> TrainResult:
+          callback: Callable[[int, float], None] | None = None, process: Any = None,
+          free_theory: bool | None = None) -> TrainResult:
     """Train `model` on `data` by denoising score matching (kamb-ganguli eq. 27) into a run directory.
 
     run_dir: an existing run to resume (its last checkpoint) or a new folder; None creates out/name (or
     out/train-<time>). steps, if given, overrides epochs. schedule: None uses the model's; a different one is
     an error (the net maps ᾱ to its own schedule's time). ema: a decay (e.g. 0.999) or None; the saved
     model.safetensors holds the EMA weights when given. data_spec: how to reload the data (for the CLI).
-    callback(step, loss) is called after every step.
+    callback(step, loss) is called after every step. process: a component forward process (`sf.forward.make`, a
+    name, or its spec) to train under instead of the standard one (forward/training.py); free_theory: add the
+    Gaussian part of the score analytically, the net learning the correction (RG slides).
     """
     if not isinstance(model, NetDenoiser):
         raise TrainingError(f"train() needs a trainable net (sf.models.make('resnet', ...)), "
@@ -272,10 +276,13 @@ def train(model: NetDenoiser, data: ImageSet, run_dir: str | Path | RunDir | Non
     if schedule is not None and get_schedule(schedule).name != model.schedule.name:
         raise TrainingError(f"schedule '{schedule}' differs from the model's '{model.schedule.name}'; build the "
                             f"model with schedule='{schedule}'")
+    from .forward.training import mark_trained, training_hook  # component processes (RG slides)
+
+    process, process_spec, process_loss = training_hook(process, free_theory, data, model)
     config = TrainConfig(epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
                          lr_decay=lr_decay, weight_decay=weight_decay, grad_clip=grad_clip,
                          time_sampling=time_sampling, schedule=model.schedule.name, ema=ema,
-                         label_dropout=label_dropout, seed=seed)
+                         label_dropout=label_dropout, seed=seed, process=process_spec)
     config.validate()
     for key, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 1:
@@ -287,15 +294,18 @@ def train(model: NetDenoiser, data: ImageSet, run_dir: str | Path | RunDir | Non
                                                    "data": spec}, seed, dev)
     run.lock()                       # one process per run directory; named in the Ctrl-C resume hint
     try:
-        return _train_loop(model, data, run, config, dev, resume, progress, checkpoint_every, log_every, spec,
-                           callback)
+        result = _train_loop(model, data, run, config, dev, resume, progress, checkpoint_every, log_every, spec,
+                             callback, loss_fn=process_loss or dsm_loss)
+        mark_trained(result.model, process)
+        return result
     finally:
         run.release()
 
 
 def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainConfig, dev: torch.device,
                 resume: bool, progress: bool, checkpoint_every: int, log_every: int, spec: dict[str, Any],
-                callback: Callable[[int, float], None] | None) -> TrainResult:
+                callback: Callable[[int, float], None] | None,
+                loss_fn: Callable[..., torch.Tensor] = dsm_loss) -> TrainResult:
     # channels-last convolutions are ≈ 1.5× faster on the CPU; the saved weights are contiguous either way
     model.to(dev, memory_format=torch.channels_last).train()
     images = data.images.to(dev).contiguous(memory_format=torch.channels_last)  # [N, C, H, W]
@@ -337,7 +347,7 @@ def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainCo
             index = perm[k * config.batch_size:(k + 1) * config.batch_size]
             for group in opt.param_groups:
                 group["lr"] = learning_rate(config, step)
-            loss = dsm_loss(model, images[index], None if labels is None else labels[index], config,
+            loss = loss_fn(model, images[index], None if labels is None else labels[index], config,
                             model.schedule, generator)
             if not torch.isfinite(loss):
                 # stop before the step writes non-finite weights: the checkpoints on disk stay usable

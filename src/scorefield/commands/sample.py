@@ -49,7 +49,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _refuse_process_runs(model_run: str | None) -> None:
+    """A network trained under a component process (sf.forward) denoises that process, not the standard one."""
+    if not model_run:
+        return
+    from pathlib import Path
+
+    config = Path(model_run) / "config.json"
+    try:
+        process = (json.loads(config.read_text()).get("training") or {}).get("process")
+    except (OSError, ValueError):
+        return                                            # the loader reports unreadable runs
+    if process:
+        raise ValueError(f"{model_run} was trained under the forward process {process.get('name')!r}, whose reverse "
+                         f"this command does not run: draw its samples with  scorefield train --resume {model_run} "
+                         "--samples N  or in Python with sf.forward.load_run and sf.sampling.sample(..., process=)")
+
+
 def run(args: argparse.Namespace) -> int:
+    _refuse_process_runs(args.model_run)
     sampler_options = parse_key_values(args.sampler_opt, "--sampler-opt")
     if args.eta is not None:
         sampler_options["eta"] = args.eta

@@ -16,6 +16,7 @@ CHECK_ALPHA_BARS = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..forward.presets import PROCESSES
     from ..models.nets import ARCHITECTURES, PRESETS
     from ..training import OPTIMIZERS, RECIPES, TIME_SAMPLINGS
 
@@ -54,6 +55,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f = p.add_argument_group("forward process (component-wise processes of the RG slides; default: standard)")
+    f.add_argument("--process", default=None, choices=list(PROCESSES),
+                   help="train under this forward process: component (choose with --process-opt basis=, schedule=, "
+                        "colour=), standard, matched, rg-cutoff, matched-rg, heat-dissipation, blurring")
+    f.add_argument("--process-opt", action="append", metavar="KEY=VALUE",
+                   help="process option, e.g. --process-opt basis=pca --process-opt spread=12")
+    f.add_argument("--free-theory", action="store_true",
+                   help="score = Gaussian free-theory part (analytic) + the network's correction")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs", help="parent folder of the run directory (default runs)")
     o.add_argument("--name", default=None, help="run directory name (default train-<time>)")
@@ -128,9 +137,28 @@ def _new_run(args: argparse.Namespace):
                            conditional=args.conditional, schedule=schedule, **_size_overrides(args))
     print(f"{args.arch} ({args.preset}): {model.num_parameters():,} parameters; data {data.name} "
           f"{tuple(data.images.shape)}")
+    process = _process(args, data)
     return train(model, data, out=args.out, name=args.name, seed=args.seed, device=args.device,
                  checkpoint_every=args.checkpoint_every, progress=not args.no_progress, data_spec=spec,
-                 **_training_options(args))
+                 process=process, **_training_options(args))
+
+
+def _process(args: argparse.Namespace, data):
+    """The forward process of --process / --process-opt / --free-theory (None: the standard one)."""
+    import scorefield as sf
+
+    from ._args import parse_key_values
+
+    options = parse_key_values(args.process_opt, "--process-opt")
+    if args.process is None:
+        if options or args.free_theory:
+            raise ValueError("--process-opt and --free-theory need --process NAME")
+        return None
+    process = sf.forward.make(args.process, data, **options)
+    if args.free_theory:
+        process = process.parametrized(free_theory=True)
+    print(f"forward process: {process.spec()}")
+    return process
 
 
 def _resume(args: argparse.Namespace):
@@ -181,6 +209,11 @@ def resume_differences(args: argparse.Namespace, meta: dict[str, Any]) -> list[s
                    "conditional": True if args.conditional else None, **_size_overrides(args)}
     out += [f"--{'arch' if k == 'name' else k.replace('_', '-')} {saved_model.get(k)!r} → {v!r}"
             for k, v in model_given.items() if v is not None and saved_model.get(k) != v]
+    saved_process = saved_training.get("process") or {}
+    if (args.process is not None or args.process_opt or args.free_theory) and (
+            args.process != saved_process.get("name")):
+        out.append(f"--process {saved_process.get('name')!r} → {args.process!r} (the saved process is rebuilt "
+                   "from the run's config)")
     saved_data = meta.get("data", {})
     if args.data != "mnist" and args.data != saved_data.get("name"):
         out.append(f"--data {saved_data.get('name')!r} → {args.data!r}")
@@ -206,8 +239,9 @@ def draw_samples(run, model, count: int, steps: int, seed: int):
     seeds = list(range(seed, seed + count))
     noise = sf.sampling.initial_noise(count, model.image_shape, seeds=seeds)
     labels = torch.arange(count) % model.num_classes if model.conditional else None
+    process = getattr(model, "process", None)                        # trained under a component process
     samples = sf.sampling.sample(model, noise, steps=steps, sampler="ddim", schedule=model.schedule.name,
-                                 labels=labels, seeds=seeds)
+                                 labels=labels, seeds=seeds, process=process)
     run.save_arrays("samples", replace=True, samples=samples, noise=noise, seeds=torch.tensor(seeds))
     grid = image_grid(samples, columns=min(8, count))
     fig, ax = plt.subplots(figsize=(grid.shape[1] / 28 * 0.8, grid.shape[0] / 28 * 0.8))
