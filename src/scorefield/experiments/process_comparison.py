@@ -417,10 +417,17 @@ def _figures(run: RunDir, dataset: str, held_out: Tensor, samples: dict[str, Ten
         axes[1].hist(o["action"].numpy(), bins=s_bins, histtype="step", density=True, label=label, **style)
         G = o["two_point"]
         axes[2].plot(r, (0.5 * (G[r, 0] + G[0, r])).numpy(), marker="o", ms=3, label=label, **style)
-    axes[0].set_xlabel("magnetization M")
+    axes[0].set_xlabel("magnetization M (per site)")
+    axes[0].set_ylabel("probability density")
+    axes[0].set_title("magnetization")
     axes[1].set_xlabel("action S")
+    axes[1].set_ylabel("probability density")
+    axes[1].set_title("action")
     axes[2].set_xlabel("distance r (lattice units)")
     axes[2].set_ylabel("connected G(r)")
+    axes[2].set_title("two-point function (axis average)")
+    fig.suptitle(f"φ⁴ samples of each forward process against held-out fields (m² = {params['mass2']}, "
+                 f"λ = {params['coupling']})")
     axes[0].legend(fontsize=7)
     for a in axes:
         a.grid(alpha=0.3)
