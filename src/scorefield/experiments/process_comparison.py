@@ -431,6 +431,7 @@ def _figures(run: RunDir, dataset: str, held_out: Tensor, samples: dict[str, Ten
     axes[0].legend(fontsize=7)
     for a in axes:
         a.grid(alpha=0.3)
+    fig.tight_layout()
     run.save_figure("phi4-observables", fig, replace=True)
 
 
