@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .models.nets import NetDenoiser, net_from_config
-from .runs import RunDir, RunError, atomic_write_bytes
+from .runs import RunDir, RunError, atomic_write_bytes, read_json_file
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "model.json"
@@ -71,13 +71,8 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file of a run directory, or one error naming the file (missing, truncated, not JSON)."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
+    """A JSON file of a run directory, or one CheckpointError naming the file (missing, truncated, not JSON)."""
+    return read_json_file(path, CheckpointError)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -81,6 +81,16 @@ class DeferredInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def read_json_file(path: Path, error: type[Exception] = RunError) -> Any:
+    """A JSON file, or one `error` naming the file (missing, truncated, not JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"missing file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and a rename, so readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -213,13 +223,7 @@ class RunDir:
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the run, or one RunError naming the file (missing, truncated, not JSON)."""
-        path = self.path / name
-        try:
-            return json.loads(path.read_text())
-        except FileNotFoundError:
-            raise RunError(f"missing file {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{path} is not valid JSON (truncated or corrupt?): {exc}") from None
+        return read_json_file(self.path / name)
 
     def log_metrics(self, **values: Any) -> None:
         """Append one JSON line to metrics.jsonl (first cutting a torn last line left by a killed process)."""

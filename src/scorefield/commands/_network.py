@@ -47,6 +47,20 @@ def parse_sizes(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
 
+def machine_inputs(args: argparse.Namespace) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(bank data, model options, data spec) for an analytic machine standing in for a network (--model)."""
+    import scorefield as sf
+
+    if args.run or args.pretrained:
+        raise ValueError("give either a network (RUN / --pretrained) or --model, not both")
+    if args.data is None:
+        raise ValueError("--model needs --data (the dataset the machine is built on)")
+    spec = {"name": args.data, **data_options(args)}
+    options = model_options(args)
+    options.update(parse_key_values(args.model_opt, "--model-opt"))
+    return sf.data.load(**spec), options, spec
+
+
 def load_network(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
     """(network, bank data, network spec, data spec) from the command line."""
     import scorefield as sf
@@ -54,14 +68,7 @@ def load_network(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], di
     from scorefield.runs import RunDir
 
     if args.model is not None:
-        if args.run or args.pretrained:
-            raise ValueError("give either a network (RUN / --pretrained) or --model, not both")
-        if args.data is None:
-            raise ValueError("--model needs --data (the dataset the machine is built on)")
-        spec = {"name": args.data, **data_options(args)}
-        data = sf.data.load(**spec)
-        options = model_options(args)
-        options.update(parse_key_values(args.model_opt, "--model-opt"))
+        data, options, spec = machine_inputs(args)
         network = sf.models.make(args.model, data, **options)
         return network, data, {"model": args.model, "options": options}, spec
     if args.run and args.pretrained:

@@ -6,8 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ._args import data_options, model_options, parse_key_values
-from ._network import add_network_arguments, labels_of, load_network
+from ._network import add_network_arguments, labels_of, load_network, machine_inputs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -78,14 +77,7 @@ def _dictionary_machine(args: argparse.Namespace) -> tuple[Any, Any, dict[str, A
 
     import scorefield as sf
 
-    if args.run or args.pretrained:
-        raise ValueError("give either a network (RUN / --pretrained) or --model, not both")
-    if args.data is None:
-        raise ValueError("--model needs --data (the dataset the machine is built on)")
-    spec = {"name": args.data, **data_options(args)}
-    data = sf.data.load(**spec)
-    options = model_options(args)
-    options.update(parse_key_values(args.model_opt, "--model-opt"))
+    data, options, spec = machine_inputs(args)
     provenance = getattr(data, "provenance", None) or {}
     if "patterns" not in options and "dictionary" in provenance:
         options["patterns"] = torch.tensor(provenance["dictionary"], dtype=torch.float32)
