@@ -10,6 +10,7 @@ import sys
 from typing import NoReturn
 
 from . import commands
+from .cli_messages import in_cli_terms
 from .options import closest
 
 # commands whose run directories resume with --resume RUN
@@ -38,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(sub)
+    for command_parser in sub.choices.values():
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:
         # library errors carry a message meant for the user; show it without a traceback
-        print(f"scorefield {args.command}: error: {exc}", file=sys.stderr)
+        message = in_cli_terms(str(exc), getattr(args, "command_parser", None))
+        print(f"scorefield {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

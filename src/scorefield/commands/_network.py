@@ -15,8 +15,8 @@ def add_network_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pretrained", default=None, help="a bundled network (default mnist-resnet-small)")
     g.add_argument("--model", default=None, help="an analytic machine as the 'network' (with --data)")
     g.add_argument("--patch", default=None, help="patch size(s) of --model (lowest noise first)")
-    g.add_argument("--model-padding", dest="padding", default=None, choices=["zeros", "circular"],
-                   help="padding of --model")
+    g.add_argument("--padding", "--model-padding", dest="padding", default=None, choices=["zeros", "circular"],
+                   help="padding of --model (the same flag as in `scorefield sample`)")
     g.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="any other option of --model")
     add_data_arguments(p, default=None)
     p.set_defaults(conditional=False)

@@ -22,8 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info = sub.add_parser("info", help="load a dataset and print n, shape, range, class counts, provenance")
     info.add_argument("name", help="dataset name (see `scorefield data list`)")
     info.add_argument("--split", default="train", help="split to load (default: train)")
-    info.add_argument("--subset", type=int, default=None, help="keep N images drawn with --seed")
-    info.add_argument("--seed", type=int, default=0, help="seed for --subset and generated data (default 0)")
+    info.add_argument("--subset", type=int, default=None, help="keep N images drawn with --data-seed")
+    info.add_argument("--data-seed", dest="seed", type=int, default=0,
+                      help="seed for --subset and generated data (default 0), as in every other command")
+    info.add_argument("--seed", dest="seed", type=int, help=argparse.SUPPRESS)      # the former name
     info.add_argument("--root", default=None, help="folder holding the files (mnist-idx, fashion-mnist, "
                                                    "cifar10, folder)")
     info.add_argument("--classes", default=None, help="labels to keep, e.g. 3 or 3,5")
@@ -32,8 +34,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--pad-to", type=int, default=None, metavar="S", help="pad to S×S with −1")
     info.add_argument("--size", type=int, default=None, help="image size (generated sets, natural, folder)")
     info.add_argument("--n", type=int, default=None, help="number of images (generated sets, natural)")
-    info.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
-                      help="any other loader option, value read as JSON when possible (e.g. -o exponent=1.5)")
+    info.add_argument("--data-opt", dest="option", action="append", default=[], metavar="KEY=VALUE",
+                      help="any other loader option, value read as JSON when possible (e.g. --data-opt "
+                           "exponent=1.5), as in every other command")
+    info.add_argument("-o", "--option", dest="option", action="append", help=argparse.SUPPRESS)  # former name
     info.add_argument("--grid", default=None, metavar="OUT.png",
                       help="also save a grid of the first images (and OUT.npz with their values)")
     info.add_argument("--grid-count", type=int, default=64, help="images in the grid (default 64)")
@@ -53,7 +57,7 @@ def parse_classes(text: str) -> int | list[int]:
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The loader options the user gave (options not given are left to the loader's defaults)."""
-    options = parse_key_values(args.option, "-o/--option")
+    options = parse_key_values(args.option, "--data-opt")
     given = {"root": args.root, "binarize": args.binarize, "channels": args.channels, "pad_to": args.pad_to,
              "size": args.size, "n": args.n,
              "classes": parse_classes(args.classes) if args.classes is not None else None}

@@ -263,13 +263,13 @@ class CachedBank(KeySource):
         return self.source_table[g, j]
 
 
-def _held_bytes(source: KeySource) -> int:
+def held_bytes(source: KeySource) -> int:
     """Bytes a key source keeps in memory between calls (its cached keys, cluster order and centroids)."""
     held = [getattr(source, name, None) for name in ("keys_aug", "logw", "values", "source_table", "rep_keys")]
     extra = 0
     if isinstance(source, ClusteredBank):
         held += [source.index.order, source.index.centroids]
-        extra = _held_bytes(source.base) if isinstance(source.base, CachedBank) else 0
+        extra = held_bytes(source.base) if isinstance(source.base, CachedBank) else 0
     return extra + sum(t.numel() * t.element_size() for t in held if isinstance(t, Tensor))
 
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from . import box, pruning
-from .banks import KeySource, StreamedPatches, _held_bytes, build_cached_bank, cluster_bank
+from .banks import KeySource, StreamedPatches, build_cached_bank, cluster_bank, held_bytes
 from .box_route import (
     BOX_MAX_LOGIT_ERROR,
     BOX_MIN_PATCH,
@@ -200,7 +200,7 @@ class PatchPosterior:
         self._banks[key] = source
         self._prior_means.pop(key, None)
         # a sampler walks through the patch sizes in order: keep the held banks within a quarter of the budget
-        while len(self._banks) > 1 and sum(_held_bytes(b) for b in self._banks.values()) > self.memory_budget / 4:
+        while len(self._banks) > 1 and sum(held_bytes(b) for b in self._banks.values()) > self.memory_budget / 4:
             del self._banks[next(iter(self._banks))]
         return source
 

@@ -7,3 +7,14 @@ from .sample_run import SampleConfig, run_sampling
 
 __all__ = ["Calibration", "PredictResult", "SampleConfig", "calibrate", "criticality_run", "information_run",
            "predict", "run_sampling"]
+
+LAZY_SUBMODULES = ("guidance_pulses", "process_comparison", "networks", "engine_log")
+
+
+def __getattr__(name: str):
+    """Submodules load on first use (`sf.analysis.mosaic.patch_mosaic` works after `import scorefield as sf`)."""
+    import importlib
+
+    if name in LAZY_SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

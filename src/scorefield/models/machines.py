@@ -144,7 +144,7 @@ def _jsonable_patch_size(patch_size: PatchSize) -> Any:
 
 # ---- engine-backed machines --------------------------------------------------------------------------------
 
-class _Conditioned:
+class Conditioned:
     """Maps a label to the engine (or image tensor) built on that class's training images only."""
 
     def __init__(self, data: ImageSet, conditional: bool, build: Callable[[Tensor], Any]) -> None:
@@ -248,7 +248,7 @@ class PatchMachine(_BatchSplitMachine):
         for size in _listed_sizes(patch_size, self.size_of):       # refuse now, not at the first call
             check_patch_fits(size, tuple(data.images.shape[1:]))
         self.dtype = dtype
-        self.engines = _Conditioned(data, conditional, lambda images: PatchPosterior(
+        self.engines = Conditioned(data, conditional, lambda images: PatchPosterior(
             images, grouping=grouping, padding=padding, valid_only=valid_only, dtype=dtype,
             chunk_images=chunk_images, memory_budget=memory_budget, cache=cache, topk=topk, prune=prune,
             cross_term=cross_term))
@@ -289,7 +289,7 @@ class ImageMachine(_BatchSplitMachine):
                                                         "dtype": str(dtype).replace("torch.", "")})
         self.name, self.conditional, self.translates = name, bool(conditional), translates
         self.options = dict(dtype=dtype, chunk_images=chunk_images, memory_budget=memory_budget, topk=topk)
-        self.images = _Conditioned(data, conditional, lambda images: images)
+        self.images = Conditioned(data, conditional, lambda images: images)
         self._log: list[dict[str, Any]] = []
 
     def move_state(self, device: torch.device) -> None:

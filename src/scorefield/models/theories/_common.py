@@ -24,7 +24,7 @@ from ...engine import (
 )
 from ...engine.posterior import differentiable_posterior
 from ..base import Denoiser
-from ..machines import _Conditioned
+from ..machines import Conditioned
 from ..registry import ModelConfigError
 
 Tensor = torch.Tensor
@@ -90,7 +90,7 @@ class TheoryMachine(Denoiser):
                  config: dict[str, Any]) -> None:
         super().__init__(tuple(data.images.shape[1:]), {**config, "conditional": bool(conditional)})
         self.name, self.conditional = name, bool(conditional)
-        self.banks = _Conditioned(data, conditional, build)
+        self.banks = Conditioned(data, conditional, build)
         self._log: list[dict[str, Any]] = []
 
     def move_state(self, device: torch.device) -> None:

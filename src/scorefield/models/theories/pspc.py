@@ -47,7 +47,7 @@ from ...engine import (
     noise_coefficients,
     softmax_posterior,
 )
-from ...engine.banks import CachedBank, _held_bytes
+from ...engine.banks import CachedBank, held_bytes
 from ...engine.gemm_route import fold_path
 from ...schedules import karras_sigmas
 from ..base import Denoiser
@@ -244,7 +244,7 @@ class PatchSetBank:
             stream = PatchSets(self.images, self.log_weights, size, table, anchors)
             self._banks[size] = held_bank(stream, self.cache, self.memory_budget)
             # a sampler walks through its patch sizes in order: keep the held banks within a quarter of the budget
-            while len(self._banks) > 1 and sum(_held_bytes(b) for b in self._banks.values()) > self.memory_budget / 4:
+            while len(self._banks) > 1 and sum(held_bytes(b) for b in self._banks.values()) > self.memory_budget / 4:
                 del self._banks[next(iter(self._banks))]
         return self._banks[size]
 
