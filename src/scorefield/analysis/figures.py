@@ -20,8 +20,8 @@ def _pyplot():
     return plt
 
 
-def grid_figure(images: torch.Tensor, columns: int | None = None, scale: float = 0.6):
-    """A figure of images [N, C, H, W] in [-1, 1] tiled into a square-ish grid."""
+def grid_figure(images: torch.Tensor, columns: int | None = None, scale: float = 0.6, title: str | None = None):
+    """A figure of images [N, C, H, W] in [-1, 1] tiled into a square-ish grid (row-major, sample 0 top left)."""
     plt = _pyplot()
     n = int(images.shape[0])
     columns = columns or max(1, int(np.ceil(np.sqrt(n))))
@@ -30,11 +30,13 @@ def grid_figure(images: torch.Tensor, columns: int | None = None, scale: float =
     fig, ax = plt.subplots(figsize=(scale * columns + 0.2, scale * rows + 0.2))
     ax.imshow(picture[..., 0] if picture.shape[2] == 1 else picture, cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=8)
     return fig
 
 
 def image_grid_figure(rows: list[torch.Tensor], row_titles: list[str] | None = None,
-                      col_titles: list[str] | None = None, scale: float = 0.9):
+                      col_titles: list[str] | None = None, scale: float = 0.9, title: str | None = None):
     """A figure with one row of images per tensor in `rows` (each [N, C, H, W] in [-1, 1]), titled."""
     plt = _pyplot()
     n_cols = max(int(r.shape[0]) for r in rows)
@@ -51,5 +53,10 @@ def image_grid_figure(rows: list[torch.Tensor], row_titles: list[str] | None = N
         if row_titles:
             axes[r][0].text(-0.1, 0.5, row_titles[r], transform=axes[r][0].transAxes, ha="right", va="center",
                             fontsize=7)
-    fig.subplots_adjust(wspace=0.05, hspace=0.1)
+    height = scale * len(rows)
+    head = (0.3 if col_titles is not None else 0.0) + (0.3 if title else 0.0)   # inches above the images
+    fig.set_size_inches(scale * n_cols, height + head)
+    if title:
+        fig.suptitle(title, fontsize=8, y=1 - 0.05 / (height + head))
+    fig.subplots_adjust(wspace=0.05, hspace=0.1, top=height / (height + head) if head else 0.95, bottom=0.02)
     return fig

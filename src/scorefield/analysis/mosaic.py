@@ -80,29 +80,61 @@ def _named(config: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"run config has no '{key}' entry naming the {key} (found keys: {sorted(config)})")
 
 
-def mosaic_figure(arrays: dict[str, np.ndarray], max_samples: int = 8) -> Any:
-    """Rows per sample: the sample, its source-image map (one colour per training image) and its
-    source-location map (hue = source x, brightness = source y)."""
-    import matplotlib.pyplot as plt
+MOSAIC_COLUMNS = 16        # samples per row block of the figure
+
+
+def _location_colours(source_y: np.ndarray, source_x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """RGB [..., 3] of a source position: hue = source column x, brightness = source row y."""
     from matplotlib.colors import hsv_to_rgb
 
+    hsv = np.stack([source_x / max(w, 1), np.ones_like(source_x, dtype=float),
+                    0.35 + 0.65 * source_y / max(h - 1, 1)], -1).clip(0, 1)
+    return hsv_to_rgb(hsv)
+
+
+def mosaic_figure(arrays: dict[str, np.ndarray], max_samples: int | None = None) -> Any:
+    """Every sample (or the first `max_samples`, said in the title) in columns, three rows each: the sample, its
+    source-image map (one colour per training image; the count of distinct images under it) and its
+    source-location map (hue = source x, brightness = source y; the key is the last panel)."""
+    import matplotlib.pyplot as plt
+
     samples, src = arrays["samples"], arrays["source_image"]
-    n = min(len(samples), max_samples)
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    total = len(samples)
+    n = total if max_samples is None else min(total, max_samples)
     h, w = src.shape[1:]
+    cols = min(n, MOSAIC_COLUMNS)
+    blocks = -(-n // cols)
+    fig, axes = plt.subplots(3 * blocks, cols + 1, figsize=(1.1 * (cols + 1) + 0.6, 3.6 * blocks + 0.8),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
     for i in range(n):
+        row, col = 3 * (i // cols), i % cols
         img = samples[i].transpose(1, 2, 0)
         img = (img[..., 0] if img.shape[-1] == 1 else img).clip(-1, 1) * 0.5 + 0.5
-        axes[i, 0].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[row, col].imshow(img, cmap="gray", vmin=0, vmax=1)
+        axes[row, col].set_title(f"#{i}", fontsize=7)
         ids = np.unique(src[i], return_inverse=True)[1].reshape(h, w)
-        axes[i, 1].imshow(ids, cmap="tab20", interpolation="nearest")
-        hsv = np.stack([arrays["source_x"][i] / max(w, 1), np.ones((h, w)),
-                        0.35 + 0.65 * arrays["source_y"][i] / max(h - 1, 1)], -1).clip(0, 1)
-        axes[i, 2].imshow(hsv_to_rgb(hsv), interpolation="nearest")
-        for ax in axes[i]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    for ax, title in zip(axes[0], ("sample", "source image", "source location"), strict=True):
-        ax.set_title(title, fontsize=9)
+        axes[row + 1, col].imshow(ids, cmap="tab20", interpolation="nearest")
+        count = int(ids.max()) + 1
+        axes[row + 1, col].set_xlabel(f"{count} image{'s' if count != 1 else ''}", fontsize=7)
+        axes[row + 2, col].imshow(_location_colours(arrays["source_y"][i], arrays["source_x"][i], h, w),
+                                  interpolation="nearest")
+    for block in range(blocks):
+        for offset, label in enumerate(("sample", "source image", "source location")):
+            axes[3 * block + offset, 0].set_ylabel(label, fontsize=8)
+    yy, xx = np.mgrid[0:h, 0:w]
+    key = axes[2, cols]
+    key.imshow(_location_colours(yy, xx, h, w), interpolation="nearest")
+    key.set_title("location key", fontsize=7)
+    key.set_xlabel("source x →", fontsize=7)
+    key.set_ylabel("source y →", fontsize=7)
+    shown = f"all {total} samples" if n == total else f"the first {n} of {total} samples"
+    ab = float(arrays["alpha_bar"]) if "alpha_bar" in arrays else MOSAIC_ALPHA_BAR
+    fig.suptitle(f"Patch mosaic ({shown}): the training patch that dominates each pixel's posterior at "
+                 f"ᾱ = {ab:g}\nmiddle: one colour per source training image (colours repeat after 20); "
+                 "bottom: where in that image the patch centre lies", fontsize=9)
     fig.tight_layout()
     return fig

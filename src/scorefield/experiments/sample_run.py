@@ -290,11 +290,14 @@ def finish_run(run: RunDir, data: sf_data.ImageSet) -> dict[str, Any]:
                        title="Nearest training image of each sample (RMS per pixel)")
     if not run.exists("nearest.png"):
         show = min(len(samples), 16)
-        titles = [f"{d:.3f}" for d in distance[:show].tolist()]
-        run.save_figure("nearest", image_grid_figure([samples[:show], data.images[index[:show]]],
-                                                     row_titles=["sample", "nearest"], col_titles=titles))
+        titles = [f"#{i}\nd = {d:.3f}" for i, d in enumerate(distance[:show].tolist())]
+        shown = f"all {len(samples)} samples" if show == len(samples) else f"the first {show} of {len(samples)}"
+        run.save_figure("nearest", image_grid_figure(
+            [samples[:show], data.images[index[:show]]], row_titles=["sample", "nearest\ntraining\nimage"],
+            col_titles=titles, title=f"Each sample over its nearest training image ({shown}); d = RMS distance "
+                                     "per pixel (images in [−1, 1]; d ≈ 0: memorized)"))
     if not run.exists("samples.png"):
-        run.save_figure("samples", grid_figure(samples))
+        run.save_figure("samples", grid_figure(samples, title=f"{len(samples)} samples (row by row from #0)"))
     if not run.exists("summary.json"):                        # last: its presence marks a finished run
         run.write_json("summary.json", summary)
     return summary
