@@ -49,10 +49,13 @@ class ReceptiveFieldResult:
     n: int
 
     def rows(self) -> list[dict[str, Any]]:
-        """One table row per ᾱ."""
-        return [{"alpha_bar": float(ab), f"radius_{int(self.mass * 100)}": float(r), "patch_size": int(p),
-                 f"radius_{int(self.mass * 100)}_without_centre": float(rc),
-                 "patch_size_without_centre": int(pc), "centre_fraction": float(m[self.centre] / m.sum())}
+        """One table row per ᾱ, in the names of the figures: P90 (side of the smallest centred odd square
+        holding 90% of the gradient mass), r90 (the Euclidean radius holding it), each also without the
+        centre pixel, and the centre pixel's share of the mass."""
+        pct = int(self.mass * 100)
+        return [{"alpha_bar": float(ab), f"P{pct}": int(p), f"P{pct}_without_centre": int(pc),
+                 f"r{pct}": float(r), f"r{pct}_without_centre": float(rc),
+                 "centre_fraction": float(m[self.centre] / m.sum())}
                 for ab, r, p, rc, pc, m in zip(self.alpha_bars, self.radius, self.patch_size,
                                                self.radius_without_centre, self.patch_size_without_centre,
                                                self.maps, strict=True)]
@@ -210,44 +213,55 @@ def receptive_field(model: Denoiser, alpha_bars: list[float] | None = None, n: i
 # ---- outputs ---------------------------------------------------------------------------------------------
 
 def heatmap_figure(result: ReceptiveFieldResult, title: str = ""):
-    """One heat map per ᾱ (centre pixel omitted, as in kamb-ganguli Fig. 4), each scaled to its own maximum."""
+    """One heat map per ᾱ (centre pixel omitted, as in kamb-ganguli Fig. 4), each scaled to its own maximum, with
+    the square of side P90-without-centre drawn on it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     t = len(result.alpha_bars)
-    fig, axes = plt.subplots(1, t, figsize=(1.9 * t, 2.2), squeeze=False)
+    pct = int(result.mass * 100)
+    fig, axes = plt.subplots(1, t, figsize=(1.9 * t + 0.8, 2.6), squeeze=False)
+    image = None
     for ax, ab, grad_map, p in zip(axes[0], result.alpha_bars, result.maps,
-                                          result.patch_size_without_centre, strict=True):
+                                   result.patch_size_without_centre, strict=True):
         shown = grad_map.copy()
         shown[result.centre] = np.nan
-        ax.imshow(shown, cmap="magma")
-        ax.set_title(f"ᾱ={ab:.3g}\nP{int(result.mass * 100)}={p}", fontsize=8)
+        image = ax.imshow(shown / max(np.nanmax(shown), 1e-300), cmap="magma", vmin=0, vmax=1)
+        cy, cx = result.centre
+        ax.add_patch(Rectangle((cx - p / 2, cy - p / 2), p, p, fill=False, edgecolor="cyan", linewidth=0.8))
+        ax.set_title(f"ᾱ = {ab:.3g}\nP{pct} w/o centre = {p}", fontsize=8)
         ax.axis("off")
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if image is not None:
+        bar = fig.colorbar(image, ax=list(axes[0]), fraction=0.02, pad=0.02)
+        bar.set_label("|∂x̂₀(centre)/∂x| / its max", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    fig.suptitle(f"{title + ': ' if title else ''}gradient of the centre output pixel; cyan square: P{pct} "
+                 f"without centre, the smallest centred square holding {pct}% of the mass", fontsize=8)
     return fig
 
 
 def size_figure(result: ReceptiveFieldResult, title: str = ""):
-    """Effective receptive-field sizes against ᾱ."""
+    """Effective receptive-field sizes against ᾱ, in the table's names (P90, and 2·r90 + 1 for the radius)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
     pct = int(result.mass * 100)
-    ax.plot(result.alpha_bars, result.patch_size, "o-", label=f"square side P{pct}")
+    ax.plot(result.alpha_bars, result.patch_size, "o-", label=f"P{pct}")
     ax.plot(result.alpha_bars, result.patch_size_without_centre, "s--", label=f"P{pct} without centre")
-    ax.plot(result.alpha_bars, 2 * result.radius_without_centre + 1, "^:", label=f"2·r{pct}+1 without centre")
-    ax.set_xlabel("ᾱ")
+    ax.plot(result.alpha_bars, 2 * result.radius_without_centre + 1, "^:",
+            label=f"2·r{pct} + 1 without centre (disc)")
+    ax.set_xlabel("ᾱ (noise level; 1 = clean)")
     ax.set_ylabel("effective receptive field (pixels)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title + chr(10) if title else ''}P{pct}: side of the smallest centred square holding "
+                 f"{pct}% of |∂x̂₀/∂x|", fontsize=8)
     return fig
 
 
