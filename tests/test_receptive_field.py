@@ -85,7 +85,7 @@ def test_command_on_a_run_and_on_a_machine(tmp_path, capsys):
     for name in ("receptive_field.csv", "receptive_field.md", "receptive_field.png", "receptive_field_size.png",
                  "receptive_field.npz"):
         assert (out / name).is_file(), name
-    assert "patch_size" in capsys.readouterr().out
+    assert "| P90 | P90_without_centre | r90 |" in capsys.readouterr().out
     assert cli.main(["receptive-field", "--model", "gaussian", "--data", "digits", "--subset", "30", "--n", "2",
                      "--alpha-bars", "0.5", "--out", str(tmp_path), "--name", "rf2", "--no-progress"]) == 0
     assert (tmp_path / "rf2" / "receptive_field.csv").read_text().count("\n") == 2
