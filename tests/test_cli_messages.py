@@ -80,3 +80,17 @@ def test_data_info_takes_the_common_flags_and_the_former_ones(capsys):
     assert capsys.readouterr().out == new
     assert main(["data", "info", "grf", "--n", "3", "--size", "8", "--data-seed", "2", "--json"]) == 0
     assert capsys.readouterr().out != new
+
+
+def _commands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_reads_clean(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "%%" not in text and "usage: scorefield " + command in text

@@ -13,7 +13,7 @@ from ._args import add_data_arguments, add_model_arguments, data_options, model_
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("receptive-field", help="effective receptive fields of a denoiser (kamb-ganguli Fig. 4)",
                        description="Mean |∂ x̂₀(centre) / ∂ x| over noisy inputs at several ᾱ, with the radius "
-                                   "and square size holding 90%% of the gradient mass. Give a training run "
+                                   "and square size holding 90% of the gradient mass. Give a training run "
                                    "directory, or --model NAME --data NAME for any registered denoiser.")
     p.add_argument("target", nargs="?", default=None, metavar="RUN",
                    help="a training run directory (else use --model and --data)")
