@@ -36,7 +36,7 @@ from ..models.machines import PatchSchedule
 from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
 from . import engine_log
-from .networks import denoiser_padding, describe_denoiser, resolve_labels
+from .networks import denoiser_padding, describe_denoiser, matched_conditioning, resolve_labels
 
 PATCH_MACHINES = ("ls", "els", "bbels")
 TIE_TOLERANCE = 1e-7      # candidate cosines closer than this (for one sample) do not pick a size
@@ -155,7 +155,7 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
     seeds = [int(s) for s in seeds]
     if not seeds or steps < 1:
         raise ModelConfigError(f"need at least one seed and one step, got {len(seeds)} seeds, {steps} steps")
-    machine_options = dict(machine_options or {})
+    machine_options = matched_conditioning(network, machine, dict(machine_options or {}))
     config = {"machine": machine, "padding": padding, "patch_sizes": sizes, "seeds": seeds, "steps": steps,
               "schedule": schedule, "sampler": sampler, "clip_x0": bool(clip_x0), "machine_options": machine_options,
               "labels": None if labels is None else [int(v) for v in labels],

@@ -20,6 +20,21 @@ def denoiser_padding(model: Denoiser) -> str:
     return padding
 
 
+def matched_conditioning(network: Denoiser, theory: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` for building `theory` to compare with `network`: a class-conditional network is compared with
+    class-conditional theories (one bank per class, driven by the same labels), unless `options` set
+    `conditional` themselves or the theory has no such option."""
+    import inspect
+
+    from ..models.registry import MODELS
+
+    builder = MODELS.get(theory)
+    if (not getattr(network, "conditional", False) or "conditional" in options or builder is None
+            or "conditional" not in inspect.signature(builder).parameters):
+        return options
+    return {**options, "conditional": True}
+
+
 def describe_denoiser(model: Denoiser) -> dict[str, Any]:
     """{"name", "config"} of a denoiser, for run configs."""
     return {"name": str(getattr(model, "config", {}).get("name", getattr(model, "name", type(model).__name__))),

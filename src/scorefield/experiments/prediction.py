@@ -35,7 +35,7 @@ from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
 from . import engine_log
 from .calibration import PATCH_MACHINES, Calibration
-from .networks import denoiser_padding, describe_denoiser, resolve_labels
+from .networks import denoiser_padding, describe_denoiser, matched_conditioning, resolve_labels
 
 NETWORK = "network"
 PAGE = 16
@@ -104,7 +104,8 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
                                f"theories {theories}")
     patch = resolve_patch_schedule(schedule_from, schedule)
     theory_options = dict(theory_options or {})
-    built = [_build_theory(t, data, padding, patch, dict(theory_options.get(str(t), {}))) for t in theories]
+    built = [_build_theory(t, data, padding, patch, matched_conditioning(
+        network, str(t), dict(theory_options.get(str(t), {})))) for t in theories]
     names = [n for n, _ in built]
     if len(set(names)) != len(names) or NETWORK in names:
         raise ModelConfigError(f"theory names must be distinct and not '{NETWORK}', got {names}")
