@@ -63,6 +63,9 @@ PROCESSES = [
     ("blurring", {}),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in PROCESSES]
+# scale by scale: some components are exactly clean (v = 0) at t > 0, where Tweedie gives no score
+SHELL_PROCESSES = [("matched-scale-by-scale", {}), ("scale-by-scale", {"spread": 0.5}), ("wavelet", {})]
+SHELL_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}" for n, o in SHELL_PROCESSES]
 
 
 # ---- bases ---------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def test_rg_cutoff_is_the_sigmoid_cutoff_sweeping_from_high_to_low_k():
     assert overlap == sorted(overlap, reverse=True) and overlap[-1] == 0
 
 
-@pytest.mark.parametrize("name,options", PROCESSES, ids=IDS)
+@pytest.mark.parametrize("name,options", PROCESSES + SHELL_PROCESSES, ids=IDS + SHELL_IDS)
 def test_marginal_variances_match_closed_form_and_monte_carlo(name, options):
     proc = make(name, DATA, **options)
     t = torch.tensor([0.25, 0.6], dtype=torch.float64)
@@ -267,6 +270,128 @@ def test_closed_form_marginal_solves_the_component_sde(name, options):
     _, g2 = proc.drift_coefficients(torch.tensor([0.3], dtype=torch.float64))
     a, _ = proc.drift_coefficients(torch.tensor([0.3], dtype=torch.float64))
     assert torch.allclose(g2[0] / (-2 * a[0]), proc.colour, rtol=1e-8)              # S² = g²/β: the colour
+
+
+# ---- scale by scale: the knob's two ends, and the wavelet cascade (Guth et al.) -----------------------------
+
+def _per_shell(alpha_bar, shells):
+    """ᾱ per shell [T, S] of ᾱ_k [T, D], checking that it is one value per shell."""
+    out = []
+    for s in range(int(shells.max()) + 1):
+        block = alpha_bar[:, shells == s]
+        assert torch.equal(block.max(1).values, block.min(1).values)                 # one schedule per shell
+        out.append(block[:, 0])
+    return torch.stack(out, 1)
+
+
+def test_scale_by_scale_knob_runs_from_standard_diffusion_to_autoregressive():
+    grid = torch.linspace(0, 1, 2001, dtype=torch.float64)
+    # spread 0: the equal schedule bit for bit, hence the standard process
+    zero, equal = make("scale-by-scale", DATA, spread=0.0), make("component", DATA, basis="fourier")
+    assert torch.equal(zero.alpha_bar(grid), equal.alpha_bar(grid)) and zero.is_standard
+    x0 = DATA.images[:4]
+    assert torch.equal(zero.noise(x0, 0.4, generator=torch.Generator().manual_seed(1)),
+                       equal.noise(x0, 0.4, generator=torch.Generator().manual_seed(1)))
+    end = zero.schedule.base_alpha_bar(torch.ones(1, dtype=torch.float64))
+    most_partial, tol = [], 1e-6
+    for spread in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0):
+        proc = make("matched-scale-by-scale", DATA, spread=spread)
+        ab = _per_shell(proc.alpha_bar(grid), proc.basis.shells)                      # [T, S], shell 0 = k = 0
+        S = ab.shape[1]
+        assert torch.equal(ab[0], torch.ones(S, dtype=torch.float64)) and torch.equal(ab[-1], end.expand(S))
+        assert (ab.diff(dim=0) <= 0).all()                                            # β_k ≥ 0 everywhere
+        partial = ((ab > tol) & (ab < 1 - tol)).sum(1)                                # shells being noised at t
+        most_partial.append(int(partial.max()))
+        half = torch.stack([grid[(ab[:, s] < 0.5).nonzero()[0, 0]] for s in range(S)])
+        if spread > 0:
+            assert (half.diff() < 0).all()                                            # higher |k| shells first
+        # the probability-flow start: every component at or below the toolkit's σ_VE = 80 point
+        ab_start = 1 / (1 + 80.0**2)
+        at_start = proc.alpha_bar(torch.tensor([proc.ode_t_start()], dtype=torch.float64))
+        assert float(at_start.max()) == pytest.approx(ab_start, rel=1e-6)
+    assert most_partial == sorted(most_partial, reverse=True)
+    assert most_partial[0] == S and most_partial[-1] == 1                            # all at once … one at a time
+    # the autoregressive end: a shell starts only when the next finer one is done (at the base schedule's end)
+    ab = _per_shell(make("scale-by-scale", DATA, spread=1.0).alpha_bar(grid), zero.basis.shells)
+    for s in range(S - 1):
+        started = (ab[:, s] < 1).nonzero()[0, 0]
+        assert float(ab[started, s + 1]) <= float(end) * (1 + 1e-9)
+
+
+def _haar_levels(H: int, J: int) -> torch.Tensor:
+    """Level of each coefficient of the Mallat layout [H*H]: j = 1 … J details (1 finest), J + 1 the low-pass."""
+    level = torch.full((H, H), J + 1)
+    for j in range(J, 0, -1):
+        h = H // 2 ** (j - 1)
+        block = torch.zeros(H, H, dtype=torch.bool)
+        block[:h, :h] = True
+        block[: h // 2, : h // 2] = False
+        level[block] = j
+    return level.reshape(-1)
+
+
+def test_wavelet_preset_is_the_wsgm_cascade_of_standard_diffusions_per_level():
+    from scorefield.forward.bases import haar_analysis
+
+    data, mu, cov = coloured_gaussian(300, (1, 8, 8), seed=3)
+    proc = make("wavelet", data)
+    assert proc.prediction == "x0" and make("wavelet", data, prediction="eps").prediction == "eps"
+    assert make("scale-by-scale", data, spread=0.0).prediction == "eps"                # the standard process
+    J, level = 3, _haar_levels(8, 3)
+    x = data.images.double()
+    c = haar_analysis(x[:, 0], J).reshape(len(x), -1)                                # [N, 64], Mallat layout
+    power = (c**2).mean(0)
+    S2 = torch.stack([power[level == j].mean() for j in range(1, J + 2)])           # per-level normalization
+    assert torch.allclose(proc.colour, S2[level - 1], rtol=1e-12)
+    cosine = get_schedule("cosine")
+    t = torch.cat([torch.linspace(0, 1, 33, dtype=torch.float64), torch.tensor([0.1, 0.37, 0.6, 0.93])])
+    ab = proc.alpha_bar(t)
+    # the schedule factorizes by level: level j runs the cosine on its own window [(j−1)/(J+1), j/(J+1)]
+    own_time = ((t[:, None] - (level[None, :] - 1) / (J + 1)) * (J + 1)).clamp(0, 1)
+    assert torch.allclose(ab, cosine.alpha_bar(own_time).clamp(0, 1), rtol=1e-12, atol=0)
+    # each level's normalized coefficients follow the standard VP diffusion at the level's own time
+    g = torch.Generator().manual_seed(0)
+    x0 = x[:6]
+    eps = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    for i, ti in enumerate(t.tolist()):
+        xt = proc.noise_with(x0, ti, eps)
+        ct = haar_analysis(xt[:, 0], J).reshape(6, -1) / S2[level - 1].sqrt()
+        a = ab[i]
+        want = a.sqrt() * c[:6] / S2[level - 1].sqrt() + (1 - a).sqrt() * haar_analysis(eps[:, 0], J).reshape(6, -1)
+        assert (ct - want).abs().max() < 1e-12
+    # inside level j's window the coarser levels are exactly clean and the finer ones pure noise, so the posterior
+    # mean of levels ≥ j ignores the finer levels (the conditional p(x̄_j | x_j) of the cascade)
+    den = GaussianProcessDenoiser(proc, mu, cov)
+    basis = proc.basis
+    for j in range(1, J + 2):
+        tj = (j - 0.5) / (J + 1)
+        abj = proc.alpha_bar(torch.tensor([tj], dtype=torch.float64))[0]
+        end = cosine.alpha_bar(torch.tensor(1.0, dtype=torch.float64))
+        assert (abj[level > j] == 1).all() and (abj[level < j] == end).all()
+        xt = proc.noise(x0, tj, generator=g)
+        other = basis.forward(xt)
+        other[:, level < j] = torch.randn(6, int((level < j).sum()), generator=g, dtype=torch.float64)
+        a, b = basis.forward(den(xt, tj)), basis.forward(den(basis.inverse(other), tj))
+        keep = level >= j
+        assert (a[:, keep] - b[:, keep]).abs().max() < 1e-8
+        if j <= J:                                                                    # the low-pass as given
+            assert (a[:, level > j] - basis.forward(xt)[:, level > j]).abs().max() < 1e-8
+
+
+def test_eps_target_drops_only_the_noise_that_x_t_does_not_contain():
+    from scorefield.forward.training import _drop_absent_noise
+
+    proc = make("wavelet", DATA, prediction="eps")
+    eps = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)                           # level 1, 2, low-pass windows
+    target = proc.eps_target(eps)
+    kept = proc.basis.forward(_drop_absent_noise(proc, target, t))
+    _, v = proc.marginal(t)
+    assert kept[v == 0].abs().max() < 1e-15
+    assert torch.allclose(kept[v > 0], proc.basis.forward(target)[v > 0], atol=1e-12)
+    assert int((v == 0).sum()) == 4 + 1                                               # clean: levels 2 + 3, then 3
+    standard = make("standard", DATA)                                                 # every component noised
+    assert _drop_absent_noise(standard, eps, t) is eps
 
 
 # ---- the Gaussian score is exact under every process -------------------------------------------------------
@@ -403,7 +528,8 @@ def test_ideal_denoiser_is_the_ideal_score_machine_and_the_exact_posterior():
 
 @pytest.mark.parametrize("name,options,sampler", [("matched-rg", {}, "ddim"), ("matched-rg", {"spread": 20.0}, "heun"),
                                                   ("heat-dissipation", {}, "ddim"), ("heat-dissipation", {}, "heun"),
-                                                  ("blurring", {}, "euler")])
+                                                  ("blurring", {}, "euler"), ("wavelet", {}, "ddim"),
+                                                  ("matched-scale-by-scale", {"spread": 0.5}, "euler")])
 def test_exact_gaussian_denoiser_samples_the_gaussian(name, options, sampler):
     proc = make(name, DATA, **options)
     proc.statistics = DataStatistics.of_gaussian(proc.basis, MU, COV)     # heat dissipation starts from N(μ, Σ)'s p_T
@@ -451,6 +577,24 @@ def test_train_cli_with_a_process_and_load_run(tmp_path):
     assert cli.main(["train", "--resume", str(tmp_path / "r"), "--steps", "6", "--no-progress"]) == 0
 
 
+def test_load_command_checks_a_run_under_its_own_process(tmp_path, capsys):
+    assert cli.main(["train", "--data", "grf", "--data-opt", "n=32", "--data-opt", "size=8", "--arch", "convnet",
+                     "--preset", "tiny", "--steps", "3", "--batch-size", "8", "--process", "wavelet", "--out",
+                     str(tmp_path), "--name", "w", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["load", str(tmp_path / "w"), "--n", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "under process 'wavelet'" in out and "mse_free_theory" in out and "mse_noisy_input" not in out
+    # the check noises with the process itself, at the base schedule's ᾱ for VP processes; the exact (ideal)
+    # denoiser of the training set beats the free theory on training images, which beats the mean at low noise
+    data = _small_set(64)
+    proc = make("wavelet", data)
+    rows = sf.forward.denoising_check(proc, sf.forward.ideal_denoiser(proc, data), data.images[:16])
+    assert [r["alpha_bar"] for r in rows] == [0.05, 0.25, 0.5, 0.75, 0.95]
+    assert all(r["mse"] <= r["mse_free_theory"] + 1e-6 for r in rows)
+    assert rows[-1]["mse_free_theory"] < rows[-1]["mse_mean_image"]
+
+
 def test_compare_processes_command_writes_the_table(tmp_path):
     code = cli.main(["compare-processes", "--datasets", "grf", "--processes", "standard,matched-rg,blurring",
                      "--n-train", "64", "--n-test", "64", "--n-samples", "64", "--steps", "3", "--preset", "tiny",
@@ -465,6 +609,35 @@ def test_compare_processes_command_writes_the_table(tmp_path):
     assert cli.main(["compare-processes", "--datasets", "grf", "--processes", "standard,matched-rg,blurring",
                      "--n-train", "64", "--n-test", "64", "--n-samples", "64", "--steps", "3", "--preset", "tiny",
                      "--sample-steps", "4", "--resume", str(tmp_path / "c"), "--no-progress"]) == 0
+
+
+def test_compare_processes_with_seeds_reports_mean_and_standard_error_and_resumes_per_unit(tmp_path):
+    from scorefield.experiments.process_comparison import compare_processes
+
+    options = dict(datasets=["grf"], processes=["standard", "matched"], preset="tiny", steps=2, n_train=32,
+                   n_test=32, n_samples=16, sample_steps=3, progress=False, figures=False)
+    run = compare_processes(out=tmp_path, name="s", seeds=2, **options)
+    summary = run.read_json("summary.json")
+    per_seed = summary["seed_rows"]
+    assert [(r["process"], r["seed"]) for r in per_seed] == [
+        (p, s) for s in (0, 1) for p in ("training images", "free theory", "standard", "matched")]
+    for row in summary["rows"]:
+        values = [float(r["swd"]) for r in per_seed if r["process"] == row["process"]]
+        assert row["seeds"] == 2 and row["swd"] == pytest.approx(np.mean(values))
+        assert row["swd_se"] == pytest.approx(np.std(values, ddof=1) / math.sqrt(2))
+    assert "±" in run.file("comparison.md").read_text() and run.exists("comparison-seeds.csv")
+    colour = [float(by["matched"]["swd"]) - float(by["standard"]["swd"]) for by in (
+        {r["process"]: r for r in per_seed if r["seed"] == s} for s in (0, 1))]
+    assert summary["knobs"]["grf/colour"]["swd"] == pytest.approx(np.mean(colour))
+    assert summary["knobs_se"]["grf/colour"]["swd"] == pytest.approx(np.std(colour, ddof=1) / math.sqrt(2))
+    # resuming with a third seed trains only the new (process, seed) units
+    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "results").iterdir()}
+    compare_processes(resume=tmp_path / "s", seeds=3, **options)
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "results").iterdir()}
+    assert all(after[p] == t for p, t in done.items())
+    assert sorted(p.name for p in set(after) - set(done)) == [
+        "grf-matched-seed2.json", "grf-matched-seed2.npz", "grf-standard-seed2.json", "grf-standard-seed2.npz"]
+    assert run.read_json("summary.json")["seeds"] == 3
 
 
 def test_metrics_have_their_exact_values():
@@ -487,6 +660,10 @@ def test_refusals_name_the_closest_choice():
         make("matched", image_shape=SHAPE)
     with pytest.raises(ValueError, match="spread"):
         make("component", DATA, schedule="equal", spread=3)
+    with pytest.raises(ValueError, match=r"spread .*\[0, 1\]"):
+        make("scale-by-scale", DATA, spread=1.5)
+    with pytest.raises(ProcessError, match="shell colour needs the data"):
+        make("wavelet", image_shape=SHAPE)
     with pytest.raises(ProcessError, match="standard VP"):
         sf.sampling.sample(sf.models.make("is", DATA), torch.randn(2, *SHAPE), process=make("matched", DATA))
     with pytest.raises(sf.sampling.SamplingError, match="guidance"):
@@ -508,3 +685,7 @@ def test_compare_processes_on_phi4_measures_the_lattice_observables(tmp_path):
     for r in rows:
         assert all(np.isfinite(float(r[key])) for key in ("ps_error", "swd", "w1_M", "w1_absM", "w1_S", "G_error"))
     assert run.exists("phi4-observables.png") and run.exists("phi4-spectra.png")
+    # every figure has its numbers beside it
+    assert run.exists("phi4-observables.npz") and run.exists("phi4-spectra.npz") and run.exists("phi4-samples.npz")
+    spectra = run.load_arrays("phi4-spectra")
+    assert {"k", "held-out_data", "training_images", "free_theory", "standard", "heat-dissipation"} <= set(spectra)

@@ -12,7 +12,7 @@ def _names(text: str) -> list[str]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..experiments.process_comparison import DATASETS, DEFAULT_PROCESSES
+    from ..experiments.process_comparison import DATASETS, DEFAULT_PROCESSES, PROCESS_CHOICES
     from ..models.nets import ARCHITECTURES
 
     p = subparsers.add_parser(
@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "denoising score matching under the process, sample with its reverse process and measure the "
                     "samples against held-out data (power-spectrum error, sliced Wasserstein; for φ⁴ the "
                     "magnetization and action distributions and the two-point function). Writes comparison.csv/.md, "
-                    "the knob effects and figures. Processes: " + ", ".join(DEFAULT_PROCESSES))
+                    "the knob effects and figures; with --seeds N, mean ± standard error over N seeds. Processes: "
+                    + ", ".join(PROCESS_CHOICES) + " (default: " + ", ".join(DEFAULT_PROCESSES) + ")")
     g = p.add_argument_group("what to compare")
     g.add_argument("--datasets", default="phi4,mnist", help=f"comma-separated among {', '.join(DATASETS)} "
                                                              "(default phi4,mnist)")
@@ -49,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--projections", type=int, default=256, help="sliced-Wasserstein directions (default 256)")
     o = p.add_argument_group("output")
     o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="train and sample every process with N seeds (seed, seed+1, …) and report mean ± standard "
+                        "error (default 1)")
     o.add_argument("--device", default=None)
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
@@ -86,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         sampler=args.sampler, phi4_options=phi4, mnist_subset=args.mnist_subset,
         process_options=_process_options(args.process_opt), projections=args.projections, seed=args.seed,
         device=args.device, out=args.out, name=args.name, resume=args.resume, progress=not args.no_progress,
-        figures=not args.no_figures)
+        figures=not args.no_figures, seeds=args.seeds)
     print(format_table(run_dir))
     print(summary_text(run_dir))
     print(f"run directory: {run_dir.path}")

@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     f = p.add_argument_group("forward process (component-wise processes of the RG slides; default: standard)")
     f.add_argument("--process", default=None, choices=list(PROCESSES),
                    help="train under this forward process: component (choose with --process-opt basis=, schedule=, "
-                        "colour=), standard, matched, rg-cutoff, matched-rg, heat-dissipation, blurring")
+                        "colour=), standard, matched, rg-cutoff, matched-rg, scale-by-scale, "
+                        "matched-scale-by-scale, wavelet (Guth et al.), heat-dissipation, blurring")
     f.add_argument("--process-opt", action="append", metavar="KEY=VALUE",
                    help="process option, e.g. --process-opt basis=pca --process-opt spread=12")
     f.add_argument("--free-theory", action="store_true",
@@ -74,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser("load", help="summary and a denoising check of a trained run",
                        description="Load a training run's denoiser; print its summary and the denoising MSE "
-                                   "at a few ᾱ on held-out images of its dataset.")
+                                   "at a few ᾱ on held-out images of its dataset (a run trained under a component "
+                                   "process is checked under that process, noised as it noises).")
     q.add_argument("run", metavar="RUN", help="training run directory")
     q.add_argument("--n", type=int, default=64, help="held-out images for the check (default 64)")
     q.add_argument("--seed", type=int, default=0)
@@ -282,6 +284,12 @@ def run_load(args: argparse.Namespace) -> int:
         print("(no dataset recorded in the run: skipping the denoising check)")
         return 0
     held_out = _held_out(spec, args.n, args.seed)
+    if (run.config.get("training") or {}).get("process"):             # trained under a component process
+        process, net = sf.forward.load_run(args.run)
+        print(markdown_table(sf.forward.denoising_check(process, net, held_out.images, seed=args.seed),
+                             title=f"denoising MSE under process '{process.name}' on {len(held_out)} held-out "
+                                   f"{held_out.name} images"))
+        return 0
     print(markdown_table(denoising_check(model, held_out.images, seed=args.seed),
                          title=f"denoising MSE on {len(held_out)} held-out {held_out.name} images"))
     return 0

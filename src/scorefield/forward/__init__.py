@@ -7,8 +7,10 @@ colour, exact marginals, exact denoisers, samplers and score-matching losses und
     net = sf.training.train(model, data, process=proc)    # DSM under the process
     x = sf.sampling.sample(model, noise, process=proc, steps=20, sampler="ddim")
 
-Named configurations: 'standard' (the toolkit's diffusion), 'matched', 'rg-cutoff', 'matched-rg', and the presets
-'heat-dissipation' (Rissanen et al.) and 'blurring' (Hoogeboom & Salimans). See `presets.make`.
+Named configurations: 'standard' (the toolkit's diffusion), 'matched', 'rg-cutoff', 'matched-rg', 'scale-by-scale',
+'matched-scale-by-scale', 'wavelet' (Guth et al.'s wavelet score model), and the presets 'heat-dissipation'
+(Rissanen et al.) and 'blurring' (Hoogeboom & Salimans). See `presets.make`. `denoising_check(process, net, images)`
+measures a trained net under its own process (`scorefield load` on a process-trained run).
 """
 from __future__ import annotations
 
@@ -19,12 +21,13 @@ from .denoisers import (
     NetProcessDenoiser,
     ProcessDenoiser,
     as_process_denoiser,
+    denoising_check,
     gaussian_denoiser,
 )
 from .presets import NAMED, PRESETS, PROCESSES, available_processes, from_spec, make
 from .process import ComponentProcess, DataStatistics, ProcessError
 from .sampling import PROCESS_SAMPLERS, process_grid, sample_process
-from .schedules import COMPONENT_SCHEDULES, EqualSchedule, RGCutoffSchedule
+from .schedules import COMPONENT_SCHEDULES, EqualSchedule, RGCutoffSchedule, ScaleByScaleSchedule
 from .training import process_loss
 
 
@@ -60,7 +63,7 @@ def load_run(run_dir) -> tuple[ComponentProcess, object]:  # noqa: ANN001
 __all__ = [
     "BASES", "COMPONENT_SCHEDULES", "NAMED", "PRESETS", "PROCESSES", "PROCESS_SAMPLERS", "Basis", "BasisError",
     "ComponentProcess", "DataStatistics", "EqualSchedule", "GaussianProcessDenoiser", "IdealProcessDenoiser",
-    "NetProcessDenoiser", "ProcessDenoiser", "ProcessError", "RGCutoffSchedule", "as_process_denoiser",
-    "available_processes", "from_spec", "gaussian_denoiser", "ideal_denoiser", "load_run", "make", "make_basis",
-    "process_grid", "process_loss", "sample_process",
+    "NetProcessDenoiser", "ProcessDenoiser", "ProcessError", "RGCutoffSchedule", "ScaleByScaleSchedule",
+    "as_process_denoiser", "available_processes", "denoising_check", "from_spec", "gaussian_denoiser",
+    "ideal_denoiser", "load_run", "make", "make_basis", "process_grid", "process_loss", "sample_process",
 ]

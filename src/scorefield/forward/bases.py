@@ -4,7 +4,9 @@ A basis is a real orthonormal D × D matrix Q (rows are the basis vectors, D = C
 analysis c = Q x (the components, `forward`), synthesis x = Qᵀ c (`inverse`), so U = Qᵀ in the slides'
 dφ = −½ U β U† φ dt + U √β S U† dw. Every basis also gives one "|k|" per component (`k_abs`, [D]): the scale
 the RG cutoff K_Λ(k) = σ(Λ − |k|) acts on, in integer wavenumbers of the periodic lattice (the units of
-`scorefield.data.synthetic.power_law_spectrum`).
+`scorefield.data.synthetic.power_law_spectrum`), and one shell index per component (`shells`, [D] int64, 0 = the
+lowest |k|): the groups the scale-by-scale schedule noises one after another — integer |k| shells (|k| rounded, the
+shells of the radially averaged power spectrum) for every basis but Haar, whose shells are its levels.
 
 - pixel: Q = I (standard diffusion acts per pixel; its |k| is 0 everywhere).
 - fourier: the real 2-D Fourier basis of the periodic H × W lattice, per channel: for each pair {k, −k} a cosine
@@ -49,7 +51,8 @@ class Basis:
     """An orthonormal basis Q [D, D] (rows are basis vectors) of flattened [C, H, W] images, with |k| [D]."""
 
     def __init__(self, name: str, matrix: Tensor, k_abs: Tensor, image_shape: tuple[int, int, int],
-                 options: dict[str, Any] | None = None, metric: Tensor | None = None) -> None:
+                 options: dict[str, Any] | None = None, metric: Tensor | None = None,
+                 shells: Tensor | None = None) -> None:
         D = math.prod(image_shape)
         if matrix.shape != (D, D) or k_abs.shape != (D,):
             raise BasisError(f"basis '{name}' must be [{D}, {D}] with |k| [{D}], got {tuple(matrix.shape)} and "
@@ -62,6 +65,8 @@ class Basis:
         # noise metric: the process colour is multiplied by it (whitened PCA: the eigenvalues); ones otherwise
         self.metric = torch.ones(D, dtype=torch.float64) if metric is None else metric.to(torch.float64)
         self.identity = name == "pixel"
+        self.shells = (torch.unique(self.k_abs.round(), return_inverse=True)[1] if shells is None
+                       else torch.as_tensor(shells).to(torch.int64).reshape(D))   # [D], 0 = lowest |k|
         self._cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     @property
@@ -245,7 +250,9 @@ def make_basis(name: str, data: Any = None, image_shape: tuple[int, int, int] | 
         return Basis("dct", *_per_channel(*dct_plane(H, W), C), (C, H, W))
     if name == "haar":
         Q, k, used = haar_plane(H, W, levels)
-        return Basis("haar", *_per_channel(Q, k, C), (C, H, W), options={"levels": used})
+        Q, k = _per_channel(Q, k, C)
+        shells = torch.unique(k, return_inverse=True)[1]                 # the levels, 0 = the approximation
+        return Basis("haar", Q, k, (C, H, W), options={"levels": used}, shells=shells)
     # pca
     if data is None:
         raise BasisError("the PCA basis needs the training data")

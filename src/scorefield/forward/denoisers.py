@@ -232,3 +232,49 @@ def as_process_denoiser(model: Any, process: ComponentProcess) -> ProcessDenoise
                            f"'{process.name}' use a network trained with it or sf.forward.gaussian_denoiser / "
                            "IdealProcessDenoiser")
     raise ProcessError(f"cannot use {type(model).__name__} as a denoiser")
+
+
+CHECK_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)           # fractions of the process's time range (non-VP processes)
+
+
+def check_times(process: ComponentProcess, alpha_bars: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+                ) -> list[float]:
+    """Times at which to check a denoiser under `process`, from the noisiest down: where the base schedule has
+    these ᾱ for a variance-preserving process (the standard check's noise levels), else CHECK_TIMES of its range."""
+    if process.schedule is not None:
+        ab = torch.tensor(alpha_bars, dtype=torch.float64)
+        return [float(t) for t in process.schedule.base.t_from_alpha_bar(ab).clamp(process.t_min, process.t_max)]
+    span = process.t_max - process.t_min
+    return [process.t_min + f * span for f in reversed(CHECK_TIMES)]
+
+
+def denoising_check(process: ComponentProcess, model: Any, images: Tensor, times: list[float] | None = None,
+                    seed: int = 0) -> list[dict[str, float]]:
+    """MSE of x̂₀ against x₀ for x_t ~ p_t(· | x₀) of `process` (its own noise, not the standard one), at each
+    time, next to two baselines: the free theory (the posterior mean of the diagonal Gaussian fit in the
+    process basis, when the process holds the data's statistics) and the data-mean image. images [N, C, H, W];
+    model: a net trained under the process or any ProcessDenoiser. One row per time: t, base ᾱ(t) (VP processes),
+    mse, mse_free_theory, mse_mean_image."""
+    denoiser = as_process_denoiser(model, process)
+    free = None
+    if process.statistics is not None:
+        s = process.statistics
+        free = GaussianProcessDenoiser(process, process.basis.inverse(s.mean[None]).reshape(-1), covariance="diagonal",
+                                       variance=s.variance)
+    g = torch.Generator().manual_seed(seed)
+    x0 = images.to(torch.float32)
+    rows = []
+    for t in (check_times(process) if times is None else times):
+        xt = process.noise(x0, t, generator=g)
+        tt = torch.full((len(x0),), float(t), dtype=torch.float64)
+        with torch.no_grad():
+            x0_hat = denoiser(xt, tt)
+            row = {"t": round(float(t), 4)}
+            if process.schedule is not None:
+                row["alpha_bar"] = round(float(process.schedule.base_alpha_bar(tt[:1])[0]), 4)
+            row["mse"] = float((x0_hat.float() - x0).pow(2).mean())
+            if free is not None:
+                row["mse_free_theory"] = float((free(xt.double(), tt).float() - x0).pow(2).mean())
+            row["mse_mean_image"] = float((x0.mean(0, keepdim=True) - x0).pow(2).mean())
+        rows.append(row)
+    return rows

@@ -13,7 +13,34 @@ same diagonal family:
 
 and the RG-slides configurations by name: `standard` (pixels, equal, white: the toolkit's diffusion), `matched`
 (Fourier, equal, matched colour), `rg-cutoff` (Fourier, RG cutoff, white), `matched-rg` (Fourier, RG cutoff,
-matched: the slides' "matching noise + component-wise schedule").
+matched: the slides' "matching noise + component-wise schedule"), `scale-by-scale` / `matched-scale-by-scale`
+(Fourier, |k| shells noised one after another, spread 1, white / matched), and
+
+- `wavelet` — wavelet score-based generative modeling (Guth, Coste, De Bortoli & Mallat, NeurIPS 2022): the
+  orthonormal Haar basis with J levels (the most that halve both sides), the scale-by-scale schedule at spread 1
+  with the levels as shells, and the "shell" colour. Guth et al. factorize p(x) = p(x_J) Π_j p(x̄_j | x_j)
+  (x_j the low-pass at scale j, x̄_j its three detail bands) and generate coarsest first, each factor by its own
+  standard diffusion of the coefficients normalized to unit variance. Here level j's coefficients c run, on their
+  own window [a_j, a_j + 1/(J+1)] of t (finest details first, the low-pass x_J last), the base VP diffusion of
+  c/S_j exactly: c(t)/S_j = √ᾱ(τ_j) c(0)/S_j + √(1 − ᾱ(τ_j)) ε, S_j² the data's power pooled over the level.
+  Inside level j's window every coarser level is exactly clean (ᾱ = 1: the low-pass x_j is known) and every
+  finer level is pure noise (ᾱ = ᾱ(t_max) = 3.7e-33 for the cosine, independent of the data to float64), so
+  the score the network must learn there is their conditional score ∇ log p_τ(x̄_j | x_j), and reversing the
+  process from t_max runs their cascade: x_J first, then x̄_J | x_J, …, x̄_1 | x_1.
+
+  Identical to their model: the Haar (orthonormal) multiscale factorization and its generation order, the
+  conditional distributions and scores of each stage, the per-scale normalization, a VP (Ornstein–Uhlenbeck)
+  diffusion per stage, and the same number of sampler steps per scale (a uniform grid of (J+1)·n steps gives
+  each window n). Not identical: (i) one network, on the full-resolution image and the process time, serves
+  every stage (they train one network per scale on the low-pass grid, conditioned on x_j); it has to learn that
+  the finer levels' noise carries no information; (ii) one training run draws t uniformly over all windows, so
+  the stages share the budget (theirs are trained separately); (iii) the coefficients are scaled but not centred
+  (the VP process contracts towards 0, not towards the level's mean); the normalization pools the three
+  orientations of a level; (iv) the diffusion time per stage is the base schedule's (cosine by default) rather
+  than their choice of horizon and discretization; (v) Haar only here, where they allow any orthonormal wavelet
+  and use periodic boundaries for φ⁴ — Haar on even sides needs no boundary handling; (vi) the network predicts
+  x̂₀ by default (as every scale-by-scale process here: the finer levels' x̂₀ from an ε estimate would be
+  divided by m ≈ 0 at each window's start), where they learn the score; prediction='eps' is the option.
 """
 from __future__ import annotations
 
@@ -23,8 +50,13 @@ import torch
 
 from ..options import closest
 from .bases import Basis, dct_frequencies_squared, make_basis
-from .process import COLOURS, ComponentProcess, DataStatistics, ProcessError, matched_colour
-from .schedules import blurring_coefficients, heat_dissipation_coefficients, make_component_schedule
+from .process import COLOURS, ComponentProcess, DataStatistics, ProcessError, matched_colour, shell_colour
+from .schedules import (
+    ScaleByScaleSchedule,
+    blurring_coefficients,
+    heat_dissipation_coefficients,
+    make_component_schedule,
+)
 
 # RG-slide configurations: shorthand for make("component", ...)
 NAMED: dict[str, dict[str, Any]] = {
@@ -32,6 +64,9 @@ NAMED: dict[str, dict[str, Any]] = {
     "matched": {"basis": "fourier", "schedule": "equal", "colour": "matched"},
     "rg-cutoff": {"basis": "fourier", "schedule": "rg-cutoff", "colour": "white"},
     "matched-rg": {"basis": "fourier", "schedule": "rg-cutoff", "colour": "matched"},
+    "scale-by-scale": {"basis": "fourier", "schedule": "scale-by-scale", "colour": "white"},
+    "matched-scale-by-scale": {"basis": "fourier", "schedule": "scale-by-scale", "colour": "matched"},
+    "wavelet": {"basis": "haar", "schedule": "scale-by-scale", "colour": "shell", "spread": 1.0},
 }
 PRESETS = ("heat-dissipation", "blurring")
 PROCESSES = ("component", *NAMED, *PRESETS)
@@ -73,12 +108,15 @@ def make(name: str = "component", data: Any = None, *, basis: str | None = None,
     colour, the free theory and the Gaussian prior; else give image_shape).
 
     name: 'component' (choose basis, schedule, colour), one of the RG configurations 'standard' | 'matched' |
-    'rg-cutoff' | 'matched-rg' (whose basis / schedule / colour can still be overridden), or a preset
-    'heat-dissipation' | 'blurring' (options: sigma_min, sigma_max, noise | sigma_blur_max, min_scale, logsnr_min,
-    logsnr_max). basis: 'pixel' | 'fourier' | 'dct' | 'haar' | 'pca' (whiten, levels); schedule: 'equal' |
-    'rg-cutoff' (spread: the log-SNR separation of the lowest and highest |k|, the all-at-once → autoregressive
-    knob; base: the toolkit schedule, cosine); colour: 'white' | 'matched'; prediction: 'eps' | 'x0' (how a net is
-    parametrized); free_theory: add the Gaussian part of the score analytically; prior: 'noise' | 'gaussian'.
+    'rg-cutoff' | 'matched-rg' | 'scale-by-scale' | 'matched-scale-by-scale' | 'wavelet' (Guth et al.; whose basis
+    / schedule / colour / spread can still be overridden), or a preset 'heat-dissipation' | 'blurring' (options:
+    sigma_min, sigma_max, noise | sigma_blur_max, min_scale, logsnr_min, logsnr_max). basis: 'pixel' | 'fourier' |
+    'dct' | 'haar' | 'pca' (whiten, levels); schedule: 'equal' | 'rg-cutoff' (spread ≥ 0: the sharpness of the
+    cutoff in units of the |k| range, default 8) | 'scale-by-scale' (spread ∈ [0, 1]: 0 all shells at once = equal,
+    1 one shell after another = autoregressive, default 1); base: the toolkit schedule, cosine; colour: 'white' |
+    'matched' | 'shell' (the matched power averaged per shell / Haar level); prediction: 'eps' | 'x0' (how a net is
+    parametrized; default 'x0' for scale-by-scale at spread > 0 and the heat-dissipation preset, else 'eps');
+    free_theory: add the Gaussian part of the score analytically; prior: 'noise' | 'gaussian'.
     """
     if name not in PROCESSES:
         raise ProcessError(f"unknown process '{name}'{closest(str(name), PROCESSES)}; available: "
@@ -98,24 +136,30 @@ def make(name: str = "component", data: Any = None, *, basis: str | None = None,
     basis = config["basis"] if basis is None else basis
     schedule = config["schedule"] if schedule is None else schedule
     colour = config["colour"] if colour is None else colour
+    spread = config.get("spread") if spread is None and schedule == config["schedule"] else spread
     if colour not in COLOURS:
         raise ProcessError(f"unknown colour '{colour}'{closest(str(colour), COLOURS)}; available: "
                            f"{', '.join(COLOURS)}")
     b = make_basis(basis, data, image_shape=shape, levels=levels, whiten=whiten)
     stats = _statistics(b, data)
-    if colour == "matched":
+    if colour in ("matched", "shell"):
         if stats is None:
-            raise ProcessError("the matched colour needs the data (its power spectrum in the basis)")
-        S2 = matched_colour(stats, b.metric, colour_floor) * b.metric
+            raise ProcessError(f"the {colour} colour needs the data (its power spectrum in the basis)")
+        own = (matched_colour(stats, b.metric, colour_floor) if colour == "matched"
+               else shell_colour(stats, b.metric, b.shells, colour_floor))
+        S2 = own * b.metric
     else:
         S2 = b.metric.clone()
-    sched = make_component_schedule(schedule, b.k_abs, base=base, spread=spread)
+    sched = make_component_schedule(schedule, b.k_abs, base=base, spread=spread, shells=b.shells)
     spec = {"name": name, **b.spec(), **sched.spec(), "colour": colour}
-    if colour == "matched" and colour_floor != 1e-4:
+    if colour != "white" and colour_floor != 1e-4:
         spec["colour_floor"] = colour_floor
+    if prediction is None:
+        # scale by scale, the finer shells sit at ᾱ_k = ᾱ(t_max) ≈ 0 until their window: their x̂₀ from an ε estimate
+        # is (c − √v ε̂)/m, the net's error amplified by 1/m at every window's first step; predicting x̂₀ avoids it
+        prediction = "x0" if isinstance(sched, ScaleByScaleSchedule) and not sched.equal else "eps"
     return ComponentProcess(b, name=name, schedule=sched, colour=S2, colour_name=colour, statistics=stats,
-                            prediction=prediction or "eps", free_theory=free_theory, prior=prior or "noise",
-                            spec=spec)
+                            prediction=prediction, free_theory=free_theory, prior=prior or "noise", spec=spec)
 
 
 def _preset(name: str, data: Any, shape: tuple[int, int, int], prediction: str | None, free_theory: bool,

@@ -13,8 +13,9 @@ variance-preserving Ornstein–Uhlenbeck members dφ = −½ U β U† φ dt + U
 
 with a per-component schedule ᾱ_k (`forward.schedules`) and a noise colour S_k²: "white" (S = I) or "matched" to
 the data's power ⟨|c_k|²⟩ (the slides' Σ_kk = ⟨|φ_k|²⟩), so that the process ends at the Gaussian "free theory"
-N(0, diag⟨|c_k|²⟩) instead of white noise. Heat dissipation and blurring diffusion are members of (1) that are not
-of the form (2) (`forward.presets`).
+N(0, diag⟨|c_k|²⟩) instead of white noise, or "shell": that power averaged over each shell of |k| (`Basis.shells`;
+Haar: over each level), i.e. the coefficients are normalized per scale as wavelet score models whiten theirs.
+Heat dissipation and blurring diffusion are members of (1) that are not of the form (2) (`forward.presets`).
 
 Denoising score matching only needs (1): x_t = Qᵀ(m ⊙ Q x₀ + √v ⊙ Q ε) with ε ~ N(0, I) white in pixel space
 (Q ε is white in component space, Q being orthonormal), and the Tweedie relations per component,
@@ -34,14 +35,14 @@ import torch
 
 from ..schedules import Schedule, get_schedule
 from .bases import Basis
-from .schedules import ComponentSchedule, EqualSchedule
+from .schedules import ComponentSchedule
 
 Tensor = torch.Tensor
 Coefficients = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 PREDICTIONS = ("eps", "x0")
 PRIORS = ("noise", "gaussian")
-COLOURS = ("white", "matched")
+COLOURS = ("white", "matched", "shell")
 # ODE samplers of VP processes start where the toolkit's do (sampling.SIGMA_VE_START): σ_VE = 80
 SIGMA_VE_START = 80.0
 
@@ -148,7 +149,7 @@ class ComponentProcess:
     def is_standard(self) -> bool:
         """True when the process is the toolkit's standard VP diffusion: equal ᾱ_k, S = I (any orthonormal basis:
         the noise law N(0, I) does not depend on it)."""
-        return isinstance(self.schedule, EqualSchedule) and bool((self.colour == 1).all())
+        return self.schedule is not None and self.schedule.equal and bool((self.colour == 1).all())
 
     @property
     def base_schedule(self) -> Schedule | None:
@@ -284,9 +285,8 @@ class ComponentProcess:
         if self._ode_t_start is not None:
             return float(self._ode_t_start)
         if self.schedule is not None:
-            base = self.schedule.base
             ab_start = torch.tensor(1.0 / (1.0 + SIGMA_VE_START**2), dtype=torch.float64)
-            return min(self.t_max, float(base.t_from_alpha_bar(ab_start)))
+            return min(self.t_max, self.schedule.ode_t_start(ab_start))
         return self.t_max
 
     # ---- the ε a network predicts --------------------------------------------------------------------------
@@ -353,6 +353,17 @@ def matched_colour(statistics: DataStatistics, metric: Tensor, floor: float = 1e
     noise never vanishes."""
     power = statistics.power / metric
     return power.clamp_min(float(floor) * float(power.mean()) + 1e-300)
+
+
+def shell_colour(statistics: DataStatistics, metric: Tensor, shells: Tensor, floor: float = 1e-4) -> Tensor:
+    """S_k² = the mean of ⟨c_j²⟩/metric_j over the components j of k's shell (Haar: k's level), floored as
+    `matched_colour`: noise normalized per scale (Guth et al.'s whitening of each scale's wavelet coefficients)."""
+    power = statistics.power / metric
+    shells = torch.as_tensor(shells, dtype=torch.int64)
+    n = int(shells.max()) + 1
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, shells, power)
+    per_shell = sums / torch.bincount(shells, minlength=n).to(torch.float64)
+    return per_shell[shells].clamp_min(float(floor) * float(power.mean()) + 1e-300)
 
 
 def check_time(t: float, process: ComponentProcess) -> None:

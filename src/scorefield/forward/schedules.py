@@ -22,12 +22,28 @@ so a schedule is ᾱ_k(t) [T, D] (β_k = −d log ᾱ_k/dt ≥ 0 whenever ᾱ_k 
   so the cutoff Λ sweeps linearly from above the highest |k| to below the lowest, erasing high |k| first, while
   ᾱ(t) (cosine) still takes every component to pure noise at the end. ᾱ_k(0) = 1 and ᾱ_k = 0 wherever ᾱ = 0,
   exactly. The knob is `spread` = (k_max − k_min)/w, the sharpness of the cutoff in units of the |k| range:
-  spread = 0 is K ≡ 1, standard diffusion (all components at once); as it grows each |k| is erased in a window of
-  width ≈ 1/spread around its own time, scale by scale ("autoregressive", the hard conditioning of wavelet score
-  models). This is the structure of blurring diffusion (a global VP factor times a per-frequency attenuation)
+  spread = 0 is K ≡ 1, standard diffusion (all components at once); as it grows the high |k| are erased earlier.
+  It cannot reach "autoregressive": ᾱ_k ≤ ᾱ(t), so the base factor erases every component by t ≈ 0.5–0.7 whatever
+  the cutoff, and the knob only orders the upper half of the |k| range (`scale-by-scale` below reaches it).
+  This is the structure of blurring diffusion (a global VP factor times a per-frequency attenuation)
   with the RG sigmoid in place of the heat kernel. (A constant log-SNR offset per component, ᾱ_k = σ(logit ᾱ +
   shift_k), was tried first: it pushes the low-|k| components' whole transition into the first sampler step from
   t = 1, where ε-prediction error is amplified by 1/√ᾱ_k, and trained networks' samples diverged.)
+
+- `scale-by-scale`: each shell of |k| (`Basis.shells`: integer |k| shells, Haar levels) runs the base schedule on its
+  own time window, the finest shell first:
+
+      ᾱ_k(t) = ᾱ(τ_k(t)),   τ_k = t_min + (t_max − t_min)·clamp((u − a_k)/L, 0, 1),   u = (t − t_min)/(t_max − t_min),
+      a_k = p·r_k/S,  L = 1 − p + p/S,
+
+  with S shells, r_k = S − 1 − shell_k the shell's place in the order (0: highest |k|) and p = `spread` ∈ [0, 1].
+  p = 0 is every window [0, 1]: the equal schedule, bit for bit. p = 1 is S disjoint consecutive windows of
+  length 1/S ("autoregressive"): a shell's noising starts when the previous (finer) shell has reached the base
+  schedule's end ᾱ(t_max) (3.7e-33 for the cosine), so at any t at most one shell is partially noised — the
+  generation order of wavelet score models, coarsest first. In between the windows overlap by 1 − p of their
+  length. τ_k is non-decreasing in t, so β_k = −d log ᾱ_k/dt ≥ 0 (a forward OU process; β_k = 0 outside the
+  window), the marginals stay those of eq. (2) exactly, and ᾱ_k(t_max) = ᾱ(t_max) for every k and p: the process
+  ends at the same Gaussian N(0, S²) (white or matched) as the equal schedule.
 
 Non-variance-preserving members of the same diagonal family dc_k = a_k(t) c_k dt + g_k(t) dw_k (the slides'
 "simultaneously diagonalizable" form) are given directly by their mean factor m_k(t) and variance v_k(t):
@@ -45,8 +61,9 @@ from ..schedules import Schedule, get_schedule
 
 Tensor = torch.Tensor
 
-COMPONENT_SCHEDULES = ("equal", "rg-cutoff")
+COMPONENT_SCHEDULES = ("equal", "rg-cutoff", "scale-by-scale")
 DEFAULT_SPREAD = 8.0
+DEFAULT_SHELL_SPREAD = 1.0       # scale-by-scale: autoregressive
 
 
 class ScheduleError(ValueError):
@@ -72,6 +89,16 @@ class ComponentSchedule:
         """ᾱ(t) of the base schedule, [T] float64 in [0, 1]."""
         return self.base.alpha_bar(torch.as_tensor(t, dtype=torch.float64)).clamp(0.0, 1.0)
 
+    @property
+    def equal(self) -> bool:
+        """True when ᾱ_k(t) = ᾱ(t) for every component (the standard process's schedule)."""
+        return False
+
+    def ode_t_start(self, alpha_bar_start: Tensor) -> float:
+        """The earliest time at which every component's ᾱ_k is at most `alpha_bar_start` [] (where the
+        probability-flow samplers start)."""
+        return float(self.base.t_from_alpha_bar(alpha_bar_start))
+
     def spec(self) -> dict[str, Any]:
         return {"schedule": self.name, "base": self.base_name}
 
@@ -84,6 +111,10 @@ class EqualSchedule(ComponentSchedule):
     def __init__(self, dim: int, base: str | Schedule = "cosine") -> None:
         super().__init__(base)
         self.dim = int(dim)
+
+    @property
+    def equal(self) -> bool:
+        return True
 
     def alpha_bar(self, t: Tensor) -> Tensor:
         ab = self.base_alpha_bar(t).reshape(-1, 1)                   # [T, 1]
@@ -129,19 +160,94 @@ class RGCutoffSchedule(ComponentSchedule):
         ab = self.base_alpha_bar(t).reshape(-1, 1)                   # [T, 1]
         return ab * self.kept(t)
 
+    @property
+    def equal(self) -> bool:
+        return not math.isfinite(self.width)
+
     def spec(self) -> dict[str, Any]:
         return {**super().spec(), "spread": self.spread}
 
 
+class ScaleByScaleSchedule(ComponentSchedule):
+    """ᾱ_k(t) = ᾱ(τ_k(t)): the base schedule run on one time window per shell of |k|, finest first; `spread` p ∈
+    [0, 1] from all at once (p = 0, the equal schedule) to one shell after another (p = 1) (module docstring)."""
+
+    name = "scale-by-scale"
+
+    def __init__(self, shells: Tensor, spread: float = DEFAULT_SHELL_SPREAD, base: str | Schedule = "cosine") -> None:
+        super().__init__(base)
+        spread = float(spread)
+        if not math.isfinite(spread) or not 0.0 <= spread <= 1.0:
+            raise ScheduleError(f"spread of the scale-by-scale schedule (0: all shells at once, 1: one after "
+                                f"another) must lie in [0, 1], got {spread}")
+        self.spread = spread
+        self.shells = torch.as_tensor(shells).to(torch.int64).reshape(-1)             # [D], 0 = lowest |k|
+        self.dim = int(self.shells.numel())
+        self.n_shells = int(self.shells.max()) + 1 if self.dim else 0
+        S = self.n_shells
+        rank = (S - 1 - self.shells).to(torch.float64)                                 # 0: erased first
+        self.start = spread * rank / S                                                 # a_k [D], in u units
+        self.length = 1.0 - spread + spread / S                                        # L
+
+    @property
+    def equal(self) -> bool:
+        return self.spread == 0 or self.n_shells <= 1
+
+    def window(self, shell: int) -> tuple[float, float]:
+        """(start, end) process times of the window in which `shell` is noised."""
+        a = self.spread * (self.n_shells - 1 - int(shell)) / self.n_shells
+        span = self.t_max - self.t_min
+        return self.t_min + a * span, self.t_min + (a + self.length) * span
+
+    def local_time(self, t: Tensor) -> Tensor:
+        """τ_k(t) [T, D]: each component's time on the base schedule."""
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+        span = self.t_max - self.t_min
+        u = (t - self.t_min) / span                                                     # [T]
+        local = ((u[:, None] - self.start[None, :]) / self.length).clamp(0.0, 1.0)      # [T, D]
+        return self.t_min + local * span
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        if self.equal:                                         # the equal schedule's arithmetic: bit for bit
+            ab = self.base_alpha_bar(t).reshape(-1, 1)
+            return ab.expand(ab.shape[0], self.dim)
+        tau = self.local_time(t)
+        return self.base_alpha_bar(tau.reshape(-1)).reshape(tau.shape)
+
+    def ode_t_start(self, alpha_bar_start: Tensor) -> float:
+        """The coarsest shell's window (the last one) is where the base point falls latest."""
+        tb = super().ode_t_start(alpha_bar_start)
+        if self.equal:
+            return tb
+        span = self.t_max - self.t_min
+        last = self.spread * (self.n_shells - 1) / self.n_shells
+        return self.t_min + (last + self.length * (tb - self.t_min) / span) * span
+
+    def spec(self) -> dict[str, Any]:
+        return {**super().spec(), "spread": self.spread}
+
+
+def shell_indices(k_abs: Tensor) -> Tensor:
+    """The shell of each component [D] int64, 0 = lowest: the rank of its |k| rounded to an integer (the shells of
+    the radially averaged power spectrum)."""
+    return torch.unique(torch.as_tensor(k_abs, dtype=torch.float64).round(), return_inverse=True)[1]
+
+
 def make_component_schedule(name: str, k_abs: Tensor, base: str | Schedule = "cosine",
-                            spread: float | None = None) -> ComponentSchedule:
+                            spread: float | None = None, shells: Tensor | None = None) -> ComponentSchedule:
+    """The per-component schedule `name` for components of |k| `k_abs` [D] (and shells [D], default
+    `shell_indices(k_abs)`, for scale-by-scale)."""
     if name not in COMPONENT_SCHEDULES:
         raise ScheduleError(f"unknown component schedule '{name}'{closest(str(name), COMPONENT_SCHEDULES)}; "
                             f"available: {', '.join(COMPONENT_SCHEDULES)}")
     if name == "equal":
         if spread not in (None, 0, 0.0):
-            raise ScheduleError("spread applies to schedule='rg-cutoff' (the equal schedule has spread 0)")
+            raise ScheduleError("spread applies to schedule='rg-cutoff' or 'scale-by-scale' (the equal schedule "
+                                "has spread 0)")
         return EqualSchedule(len(k_abs), base)
+    if name == "scale-by-scale":
+        return ScaleByScaleSchedule(shell_indices(k_abs) if shells is None else shells,
+                                    DEFAULT_SHELL_SPREAD if spread is None else spread, base)
     return RGCutoffSchedule(k_abs, DEFAULT_SPREAD if spread is None else spread, base)
 
 
