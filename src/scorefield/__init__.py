@@ -7,7 +7,7 @@ from typing import Any
 from . import convert, data, engine, models, sampling, schedules
 from ._version import __version__
 
-_LAZY = ("training", "runs", "analysis", "experiments", "checkpoints", "forward")
+_LAZY = ("training", "runs", "analysis", "experiments", "checkpoints", "forward", "distributed", "report")
 
 
 def __getattr__(name: str) -> Any:

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -54,13 +55,22 @@ def main(argv: list[str] | None = None) -> int:
         from .engine.progress import set_progress
 
         set_progress(False)
+    from . import runs
+    from .commands._resume import REPLAYED, resume_target, resumed_arguments
+
     try:
+        # a run records the command line that made it; an analysis resumes by parsing it again
+        runs.COMMAND_LINE = None if getattr(args, "resume", None) else ["scorefield", *argv]
+        if args.command in REPLAYED and getattr(args, "resume", None):
+            args = resumed_arguments(args, argv, parser)
+        from .commands._distributed import setup as join_ranks
+
+        join_ranks(args)                   # under torchrun: the process group; only rank 0 reports
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        from .runs import ACTIVE_RUNS
-
-        hint = (f"; finished work is saved: resume with  scorefield {args.command} --resume {ACTIVE_RUNS[-1]}"
-                if ACTIVE_RUNS and args.command in RESUMABLE else "")
+        target = resume_target(runs.ACTIVE_RUNS)
+        hint = (f"; finished work is saved: resume with  scorefield {args.command} --resume {target}"
+                if target is not None and args.command in RESUMABLE else "")
         print(f"scorefield {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, RuntimeError, MemoryError) as exc:
@@ -68,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         message = in_cli_terms(str(exc), getattr(args, "command_parser", None))
         print(f"scorefield {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        runs.COMMAND_LINE = None
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def jsonable(obj: Any) -> Any:
 
 # run directories this process has held (most recent last): an interrupted command names one in its resume hint
 ACTIVE_RUNS: list[Path] = []
+# the scorefield command line being run (set by the CLI): recorded in environment.json so that a resume can parse
+# it again; None for runs made from Python
+COMMAND_LINE: list[str] | None = None
 
 
 def _remove_stale_temporaries(folder: Path) -> None:
@@ -112,6 +115,8 @@ def environment_info(seed: int | None = None, device: str | None = None) -> dict
         "device": device or ("cuda" if torch.cuda.is_available() else "cpu"), "seed": seed,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv,
     }
+    if COMMAND_LINE is not None:
+        info["command"], info["cwd"] = list(COMMAND_LINE), os.getcwd()
     try:
         info["scorefield"] = __version__
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import tensorboard_log
 from .checkpoints import CHECKPOINT, load_checkpoint, restore_optimizer, save_checkpoint, save_model
 from .data import ImageSet
 from .models.nets import NetDenoiser
@@ -225,9 +226,9 @@ def _truncate_metrics(run: RunDir, step: int) -> None:
 
 def plot_loss(run: RunDir, losses: list[dict[str, float]]) -> None:
     """loss.png (log scale) with the numbers in loss.npz."""
-    import matplotlib
+    from .plotting import select_backend
 
-    matplotlib.use("Agg")
+    select_backend()
     import matplotlib.pyplot as plt
 
     steps = np.array([m["step"] for m in losses], dtype=np.int64)
@@ -367,6 +368,8 @@ def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainCo
             if step % log_every == 0 or step == total:
                 run.log_metrics(step=step, epoch=step / per_epoch, loss=window[0] / window[1],
                                 lr=learning_rate(config, step - 1))
+                tensorboard_log.log(run, step, prefix="train/", loss=window[0] / window[1],
+                                    lr=learning_rate(config, step - 1))
                 bar.set_postfix(loss=f"{window[0] / window[1]:.4f}")
                 window = [0.0, 0]
             if step % checkpoint_every == 0 or step == total:

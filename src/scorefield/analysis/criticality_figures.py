@@ -53,6 +53,9 @@ def _frame(ax: Any) -> None:
     ax.set_yticks([])
 
 
+MAX_PATTERNS_SHOWN = 16
+
+
 def snapshot_figure(snapshots: Any, times: Sequence[float], patterns: Any | None = None,
                     title: str | None = None) -> Any:
     """Fig. 2 / 5: snapshots [S, C, H, W] of one trajectory at `times` (first channel, grey, [−1, 1] → black to
@@ -63,6 +66,9 @@ def snapshot_figure(snapshots: Any, times: Sequence[float], patterns: Any | None
     pats = None if patterns is None else _np(patterns)
     if pats is not None and pats.ndim == 4:
         pats = pats[:, 0]
+    total_patterns = 0 if pats is None else len(pats)
+    if pats is not None:
+        pats = pats[:MAX_PATTERNS_SHOWN]        # a layout of hundreds of axes takes minutes and reads as noise
     fig = plt.figure(figsize=(2.2 * max(s, 4), 2.6 + (1.6 if pats is not None else 0)), constrained_layout=True)
     if pats is not None:
         top, bottom = fig.subfigures(2, 1, height_ratios=[1, 2.2])
@@ -71,7 +77,8 @@ def snapshot_figure(snapshots: Any, times: Sequence[float], patterns: Any | None
             axes[k].imshow(p, cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
             axes[k].set_title(f"p{k + 1}", fontsize=8)
             _frame(axes[k])
-        top.suptitle("patch dictionary", fontsize=9)
+        shown = "" if len(pats) == total_patterns else f" (the first {len(pats)} of {total_patterns})"
+        top.suptitle(f"patch dictionary{shown}", fontsize=9)
     else:
         bottom = fig
     row = bottom.subplots(1, s, squeeze=False)[0]

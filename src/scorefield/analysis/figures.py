@@ -14,8 +14,9 @@ def to_display(images: torch.Tensor) -> np.ndarray:
 
 
 def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
+    from ..plotting import select_backend
+
+    select_backend()
     import matplotlib.pyplot as plt
     return plt
 

@@ -215,9 +215,9 @@ def receptive_field(model: Denoiser, alpha_bars: list[float] | None = None, n: i
 def heatmap_figure(result: ReceptiveFieldResult, title: str = ""):
     """One heat map per ᾱ (centre pixel omitted, as in kamb-ganguli Fig. 4), each scaled to its own maximum, with
     the square of side P90-without-centre drawn on it."""
-    import matplotlib
+    from ..plotting import select_backend
 
-    matplotlib.use("Agg")
+    select_backend()
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
@@ -245,9 +245,9 @@ def heatmap_figure(result: ReceptiveFieldResult, title: str = ""):
 
 def size_figure(result: ReceptiveFieldResult, title: str = ""):
     """Effective receptive-field sizes against ᾱ, in the table's names (P90, and 2·r90 + 1 for the radius)."""
-    import matplotlib
+    from ..plotting import select_backend
 
-    matplotlib.use("Agg")
+    select_backend()
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.8, 3.4))

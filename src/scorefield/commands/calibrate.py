@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ._distributed import add_shard_argument, writer
 from ._network import add_network_arguments, add_sampling_arguments, labels_of, load_network, parse_sizes
 
 
@@ -20,6 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--sizes", default="3:27", help="candidate patch sizes, '3:27' or '3,5,7' (default 3:27)")
     g.add_argument("--seeds", type=int, default=32, help="calibration seeds 0..N-1 (default 32)")
     add_sampling_arguments(p)
+    add_shard_argument(p)
     p.set_defaults(func=run)
 
 
@@ -30,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     cal = calibrate(network, data, machine=args.machine, patch_sizes=parse_sizes(args.sizes),
                     seeds=range(args.seeds), steps=args.steps, schedule=args.schedule, sampler=args.sampler,
                     labels=labels_of(args), clip_x0=not args.no_clip, out=args.out, name=args.name,
-                    resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec)
+                    resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec,
+                    shard=args.shard)
+    if not writer():
+        return 0
     print(f"calibrated {cal.machine} patch sizes (lowest noise first): {','.join(map(str, cal.patch_sizes))}")
     print(f"run directory: {cal.run_dir}")
     return 0

@@ -33,6 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
     o.add_argument("--name", default=None, help="run directory name")
+    o.add_argument("--part-size", type=int, default=128,
+                   help="trajectories per saved part (an interrupted run loses at most one part; default 128)")
     o.add_argument("--resume", default=None, metavar="RUN_DIR", help="finish an interrupted run directory")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -59,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir = information_run(network, (data.channels, data.height, data.width), n=args.n, times=times,
                               steps=args.steps, schedule=args.schedule, sampler=args.sampler,
                               labels=labels_of(args), anchors=_anchors(args.anchors), translation=translation,
-                              out=args.out, name=args.name, resume=args.resume, progress=not args.no_progress,
-                              model_spec=spec)
+                              part_size=args.part_size, out=args.out, name=args.name, resume=args.resume,
+                              progress=not args.no_progress, model_spec=spec)
     print(json.dumps(run_dir.read_json("summary.json"), indent=2))
     print(f"run directory: {run_dir.path}")
     return 0

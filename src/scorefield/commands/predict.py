@@ -3,9 +3,11 @@ With no network given, this is the main job: the bundled MNIST ResNet against bb
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ._args import parse_key_values
+from ._distributed import add_shard_argument, writer
 from ._network import add_network_arguments, add_sampling_arguments, labels_of, load_network, parse_sizes
 
 
@@ -30,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--cal-seeds", type=int, default=4, help="calibration seeds when calibrating (default 4)")
     g.add_argument("--sizes", default="3:15", help="candidate sizes when calibrating (default 3:15)")
     add_sampling_arguments(p)
+    add_shard_argument(p)
     p.set_defaults(func=run)
 
 
@@ -69,10 +72,16 @@ def run(args: argparse.Namespace) -> int:
     check_before_work(args, theories)
     theory_options = parse_theory_options(args.theory_opt, theories)
     network, data, net_spec, data_spec = load_network(args)
-    schedule_from, cal_run = args.schedule_from, args.schedule_from
+    # the calibration run is recorded with an absolute path, so a resume finds it from any folder
+    cal_run = None if args.schedule_from is None else str(Path(args.schedule_from).resolve())
+    schedule_from = cal_run
     # only the local score machines take the calibrated schedule (unless given their own patch_size)
     needs_schedule = theories is None or any(t in PATCH_MACHINES and "patch_size" not in theory_options.get(t, {})
                                              for t in theories)
+    resume_calibration = None
+    if args.resume is not None and RunDir.open(args.resume).config.get("kind") == "calibrate":
+        # interrupted while calibrating (the hint names that run): finish it, then predict from the start
+        resume_calibration, args.resume = args.resume, None
     if args.patch_sizes is not None:
         schedule_from = parse_sizes(args.patch_sizes)
     elif schedule_from is None and args.resume is None and needs_schedule:
@@ -80,18 +89,20 @@ def run(args: argparse.Namespace) -> int:
                         steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=None,
                         clip_x0=not args.no_clip, out=args.out, name=None if args.name is None else
                         f"{args.name}-calibration", progress=not args.no_progress, network_spec=net_spec,
-                        data_spec=data_spec)
-        schedule_from, cal_run = cal, str(cal.run_dir)
+                        data_spec=data_spec, resume=resume_calibration, shard=args.shard)
+        schedule_from, cal_run = cal, str(Path(cal.run_dir).resolve())
         print(f"calibrated {cal.machine} (lowest noise first): {','.join(map(str, cal.patch_sizes))}  "
               f"[{cal.run_dir}]")
     elif args.resume is not None:
-        cal_run = RunDir.open(args.resume).config.get("calibration_run")
+        cal_run = cal_run or RunDir.open(args.resume).config.get("calibration_run")
         schedule_from = cal_run
     res = predict(network, data, theories=theories, schedule_from=schedule_from, seeds=range(args.seeds),
                   steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=labels_of(args),
                   clip_x0=not args.no_clip, theory_options=theory_options, out=args.out, name=args.name,
                   resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec,
-                  calibration_run=cal_run)
+                  calibration_run=cal_run, shard=args.shard)
+    if not writer():
+        return 0
     cols = [c for c in res.table[0] if c not in ("r2_q25", "r2_q75", "pearson_q25", "pearson_q75")]
     print(markdown_table(res.table, cols, title="agreement with the network (r²: coefficient of determination)"))
     net = res.samples["network"]

@@ -15,6 +15,7 @@ from ._args import (
     parse_int_list,
     parse_key_values,
 )
+from ._distributed import add_shard_argument, writer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--name", default=None, help="run directory name (default sample-<time>)")
     o.add_argument("--resume", default=None, metavar="RUN", help="finish an interrupted run directory")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_shard_argument(p)
     p.set_defaults(func=run)
 
 
@@ -81,7 +83,10 @@ def run(args: argparse.Namespace) -> int:
         guidance_window=_window(args.guidance_window))
     if args.resume is not None and cfg.data_options == {"split": "train", "seed": 0}:
         cfg.data_options = {}                     # the CLI's defaults: not a request to change the saved run
-    run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume, progress=not args.no_progress)
+    run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume, progress=not args.no_progress,
+                           shard=args.shard)
+    if not writer():
+        return 0
     summary = run_dir.read_json("summary.json")
     if run_dir.exists("guidance.json"):
         g = run_dir.read_json("guidance.json")

@@ -226,9 +226,9 @@ def resume_differences(args: argparse.Namespace, meta: dict[str, Any]) -> list[s
 
 def draw_samples(run, model, count: int, steps: int, seed: int):
     """Sample `count` images with 20-step (by default) DDIM; save samples.npz and samples.png in the run."""
-    import matplotlib
+    from ..plotting import select_backend
 
-    matplotlib.use("Agg")
+    select_backend()
     import matplotlib.pyplot as plt
 
     import scorefield as sf

@@ -9,6 +9,7 @@
 - `softmax`    the streaming log-sum-exp state, its merge, and the pure-torch reference fold
 - `fused`      the compiled CPU fold (`csrc/patch_softmax.cpp`); `kernels.accumulate` picks it or the reference
 - `box`        the box-sum cross term of the shared circular bank (`csrc/box_softmax.cpp`)
+- `multisize`  every patch size from one pass over the bank (`csrc/multisize_box.cpp`; route: `multisize_route`)
 - `build`      compiling, caching, locking and self-checking the compiled kernels
 - `pruning`    certified cluster bounds for skipping negligible mass
 - `posterior`  the streamed and pruned posterior over a key source, with the exact top-k fix

@@ -10,7 +10,7 @@ bank, `pruned_posterior` skips per query the clusters whose certified upper boun
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,13 +103,20 @@ def plan_memory(groups: int, queries: int, dim: int, value_dim: int, num_keys: i
 def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource, *,
                       dtype: torch.dtype = torch.float32, topk: int = DEFAULT_TOPK,
                       provenance: bool = False, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-                      chunk_keys: int | None = None) -> tuple[Tensor, Tensor | None]:
+                      chunk_keys: int | None = None,
+                      merge: Callable[[kernels.SoftmaxState], kernels.SoftmaxState] | None = None,
+                      ) -> tuple[Tensor, Tensor | None]:
     """Posterior mean Σ_j softmax_j(ℓ_ij)·v_j over a key source, streamed (kamb-ganguli eq. 8, 10, 40).
 
     queries: [G, Q, D] raw query patches; a, s2: [G, Q] (float64) noise coefficients of each query.
     Returns (mean [G, Q, V] in `dtype`, best [G, Q] global index of the arg-max key or None).
     In float32 the top-`topk` keys of each query are recomputed exactly (float64, distance form).
+    merge: the source is one part of a larger bank (e.g. one rank's shard, `scorefield.distributed`): the
+    float64 state of all queries (top keys already corrected) goes through merge(state) → the state over the
+    whole bank, then is normalized; no provenance.
     """
+    if merge is not None and provenance:
+        raise ValueError("provenance is not available for a merged (partial-bank) posterior")
     g, q, d = queries.shape
     exact_fix = dtype != torch.float64 and topk > 0
     track = topk if exact_fix else (1 if provenance else 0)
@@ -137,6 +144,13 @@ def softmax_posterior(queries: Tensor, a: Tensor, s2: Tensor, source: KeySource,
             if index is not None and track:
                 extras[i] = _remap_topk(states[i], before.topk_index, extras[i], offset, index,
                                         extra if exact_fix else None)
+    if merge is not None:   # one state for all queries, whatever this part's block sizes: one merge call
+        parts = [exact_topk_correction(state, queries[:, start:stop], a[:, start:stop], s2[:, start:stop], source,
+                                       memory_budget, extra, return_state=True)[0] if exact_fix else state
+                 for (start, stop), state, extra in zip(blocks, states, extras, strict=True)]
+        whole = kernels.SoftmaxState(*(torch.cat([getattr(p, k).double() for p in parts], 1)
+                                       for k in ("m", "l", "acc")))
+        return kernels.finalize(merge(whole)).to(dtype), None
     means, bests = [], []
     for (start, stop), state, extra in zip(blocks, states, extras, strict=True):
         if exact_fix:
@@ -290,19 +304,21 @@ def _fold_clusters(state: kernels.SoftmaxState, q_aug: Tensor, bank: ClusteredBa
 
 def exact_topk_correction(state: kernels.SoftmaxState, queries: Tensor, a: Tensor, s2: Tensor,
                           source: KeySource, memory_budget: float = DEFAULT_MEMORY_BUDGET,
-                          extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          extra: Tensor | None = None, return_state: bool = False
+                          ) -> tuple[Tensor | kernels.SoftmaxState, Tensor]:
     """Replace the streamed (float32) contributions of each query's tracked top keys by exact ones.
 
     The streamed logit ℓ̃ = (a/s²)q·k − (a²/2s²)‖k‖² + logw carries an absolute error ~ eps·(a/s²)|q·k|, large
     at low noise; the exact logit in the same frame is −‖q − a·k‖²/(2s²) + ‖q‖²/(2s²) + logw in float64. The
     rest of the bank keeps its streamed weights, whose errors only matter when it carries non-negligible mass.
     queries [G, Q, D]; a, s2 [G, Q]. extra [G, Q, k] (float64, optional): what each tracked key's log-weight in
-    the fold exceeds its own (a key merged with its duplicates). Returns (mean [G, Q, V] float64, best key [G, Q]).
+    the fold exceeds its own (a key merged with its duplicates). Returns (mean [G, Q, V] float64, best key [G, Q]);
+    with return_state the corrected unnormalized float64 state (m, l [G, Q], acc [G, Q, V]) instead of the mean.
     """
     g, q, d = queries.shape
     k = state.topk_index.shape[-1]
     step = max(1, int(memory_budget // max(1, 4 * g * k * (d + source.value_dim) * 8)))
-    means, bests = [], []
+    means, bests, states = [], [], []
     for start in range(0, q, step):
         sl = slice(start, start + step)
         index = state.topk_index[:, sl]                                             # [G, q', k]
@@ -331,7 +347,10 @@ def exact_topk_correction(state: kernels.SoftmaxState, queries: Tensor, a: Tenso
         l_new = rest_l * shrink + w.sum(-1)
         acc_new = rest_acc * shrink[..., None] + (w[..., None] * values).sum(-2)
         means.append(acc_new / l_new[..., None])
+        states.append((m_new[..., 0], l_new, acc_new))
         bests.append(torch.gather(index, -1, exact.argmax(-1, keepdim=True))[..., 0])
+    if return_state:
+        return kernels.SoftmaxState(*(torch.cat(t, 1) for t in zip(*states, strict=True))), torch.cat(bests, 1)
     return torch.cat(means, 1), torch.cat(bests, 1)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import convert
+from .. import convert, distributed
 from ..data import ImageSet
 from ..models import Denoiser, ModelConfigError, make
 from ..models.machines import PatchSchedule
@@ -139,13 +139,16 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
               labels: Sequence[int] | None = None, clip_x0: bool = True,
               machine_options: dict[str, Any] | None = None, out: str | Path = "runs", name: str | None = None,
               resume: str | Path | None = None, progress: bool = True,
-              network_spec: dict[str, Any] | None = None, data_spec: dict[str, Any] | None = None) -> Calibration:
+              network_spec: dict[str, Any] | None = None, data_spec: dict[str, Any] | None = None,
+              shard: str = "seeds") -> Calibration:
     """Calibrate `machine` ('bbels' for zero padding, 'els' for circular by default; or 'ls') against
     `network` on the bank `data`; writes a run directory and returns the `Calibration`.
 
     seeds: calibration seeds (one trajectory each); steps/schedule/sampler: the network's sampler; clip_x0:
     clip x̂₀ to [−1, 1] in the sampler (see `sf.sampling.clipped`); padding: the machine's (default the
-    network's); resume: an interrupted calibration run directory (finished steps are kept).
+    network's); resume: an interrupted calibration run directory (finished steps are kept); shard: under
+    torchrun, 'seeds' (each rank runs a contiguous share of the seeds, rank 0 gathers every step) or 'bank'
+    (every rank runs every seed, the machines' training images split over the ranks; `scorefield.distributed`).
     """
     padding = padding or denoiser_padding(network)
     machine = machine or ("els" if padding == "circular" else "bbels")
@@ -164,14 +167,20 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
     # build everything that can refuse the input before a run directory exists
     machines = {p: make(machine, data, patch_size=p, padding=padding, **machine_options) for p in sizes}
     label_tensor = resolve_labels(network, labels, len(seeds), data)
-    run = _open_run(resume, config, out, name)
-    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
-    record = _StepRecorder(run, machines, label_tensor, steps, progress)
+    if distributed.check_shard(shard) == "bank":
+        for m in machines.values():
+            distributed.shard_bank(m)
+    mine = (distributed.split_positions(len(seeds), what="calibration seeds") if shard == "seeds"
+            else list(range(len(seeds))))
+    run = distributed.shared_run(lambda: _open_run(resume, config, out, name))
+    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)[mine]
+    labels_mine = None if label_tensor is None else label_tensor[mine]
+    record = _StepRecorder(run, machines, labels_mine, steps, progress, gather=shard == "seeds")
     tic = time.perf_counter()
-    sample(network, noise, steps=steps, sampler=sampler, schedule=schedule, labels=label_tensor, seeds=seeds,
-           callback=record, clip_x0=clip_x0)
+    sample(network, noise, steps=steps, sampler=sampler, schedule=schedule, labels=labels_mine,
+           seeds=[seeds[i] for i in mine], callback=record, clip_x0=clip_x0)
     record.close()
-    return _finish(run, config, record, time.perf_counter() - tic)
+    return distributed.on_writer(lambda: _finish(run, config, record, time.perf_counter() - tic))
 
 
 def _open_run(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None) -> RunDir:
@@ -181,6 +190,7 @@ def _open_run(resume: str | Path | None, config: dict[str, Any], out: str | Path
     saved = {k: v for k, v in run.config.items() if k != "kind"}
     differ = [k for k in config if k not in ("network", "data") and saved.get(k) != config[k]]
     if differ:
+        run.release()
         raise RunError(f"cannot resume {run.path}: options differ from the saved run: " + ", ".join(
             f"{k} {saved.get(k)!r} → {config[k]!r}" for k in differ))
     return run
@@ -188,11 +198,12 @@ def _open_run(resume: str | Path | None, config: dict[str, Any], out: str | Path
 
 class _StepRecorder:
     """Sampler callback: at each step, every candidate machine on the network's state; one file per step, so
-    an interrupted calibration resumes without redoing finished steps."""
+    an interrupted calibration resumes without redoing finished steps. gather: this rank holds a share of the
+    seeds; rank 0 gathers every rank's cosines (in seed order) and writes the step."""
 
     def __init__(self, run: RunDir, machines: dict[int, Denoiser], labels: torch.Tensor | None, steps: int,
-                 progress: bool) -> None:
-        self.run, self.machines, self.labels = run, machines, labels
+                 progress: bool, gather: bool = False) -> None:
+        self.run, self.machines, self.labels, self.gather = run, machines, labels, gather
         self.times: list[float] = []
         self.alpha_bars: list[float] = []
         self.cosine: list[np.ndarray] = []
@@ -205,23 +216,45 @@ class _StepRecorder:
         step, x, x0_net = info["step"], info["x"], info["x0_hat"]
         ab = torch.full((x.shape[0],), float(info["alpha_bar"]), dtype=x.dtype, device=x.device)
         path = f"steps/step-{step:03d}.npz"
-        if self.run.exists(path):
-            cos = self.run.load_arrays(path)["cosine"]
+        if distributed.on_writer(lambda: self.run.exists(path)):
+            cos = self.run.load_arrays(path)["cosine"] if distributed.is_writer() else None
             self.bar.update(len(self.machines))
         else:
             eps_net = convert.eps_from_x0(x, x0_net, ab)
             rows = []
-            for machine in self.machines.values():
-                eps = convert.eps_from_x0(x, machine(x, ab, self.labels), ab)
+            for x0 in self._denoise_all(x, ab):
+                eps = convert.eps_from_x0(x, x0, ab)
                 rows.append(cosine_per_sample(eps, eps_net).cpu().numpy())
-                self.bar.update(1)
-            cos = np.stack(rows)                                     # [K, N]
-            self.run.save_arrays(path, cosine=cos, t=info["t"], alpha_bar=info["alpha_bar"])
-            for size, machine in self.machines.items():
-                engine_log.record(self.run, machine, step=step, candidate_size=size)
+            cos = self._save(path, np.stack(rows), info)                    # [K, N] (rank 0)
         self.times.append(float(info["t"]))
         self.alpha_bars.append(float(info["alpha_bar"]))
         self.cosine.append(cos)
+
+    def _denoise_all(self, x: torch.Tensor, ab: torch.Tensor) -> list[torch.Tensor]:
+        """x̂₀ of every candidate machine, in candidate order: the sizes the first machine's one-pass route
+        covers (`PatchMachine.denoise_sizes`: every size from one pass over the bank, logged as one
+        'box-multisize' engine call) from one call, the others one call per size."""
+        one_pass = getattr(next(iter(self.machines.values())), "denoise_sizes", None)
+        outs = one_pass(x, ab, self.labels, list(self.machines)) if one_pass is not None else {}
+        self.bar.update(len(outs))
+        for size, machine in self.machines.items():
+            if size not in outs:
+                outs[size] = machine(x, ab, self.labels)
+                self.bar.update(1)
+        return [outs[size] for size in self.machines]
+
+    def _save(self, path: str, cos: np.ndarray, info: dict[str, Any]) -> np.ndarray | None:
+        """Write the step (rank 0: every rank's cosines [K, n_r], joined in seed order, and engine calls)."""
+        logs = [(size, distributed.drain_engine_log(m)) for size, m in self.machines.items()]
+        parts = distributed.gather_objects((cos, logs)) if self.gather else [(cos, logs)]
+        if not distributed.is_writer():
+            return None
+        cos = np.concatenate([c for c, _ in parts], axis=1)
+        self.run.save_arrays(path, cosine=cos, t=info["t"], alpha_bar=info["alpha_bar"])
+        for _, rank_logs in parts:
+            for size, entries in rank_logs:
+                distributed.record_engine_entries(self.run, entries, step=info["step"], candidate_size=size)
+        return cos
 
     def close(self) -> None:
         self.bar.close()
@@ -239,11 +272,11 @@ def _finish(run: RunDir, config: dict[str, Any], record: _StepRecorder, seconds:
                     undetermined=np.asarray(undetermined, dtype=np.int64))
     run.save_table("schedule", cal.table(), replace=True,
                    title=f"Calibrated {cal.machine} patch size per sampler step (step 0 = pure noise)")
-    run.write_json("summary.json", {"patch_sizes_lowest_noise_first": cal.patch_sizes,
-                                    "undetermined_steps": undetermined, "seconds": seconds,
-                                    "engine": engine_log.summarize(run)}, replace=True)
     from ..analysis.calibration_figure import calibration_figure
 
     run.save_figure("schedule", calibration_figure(cal), replace=True)
+    run.write_json("summary.json", {"patch_sizes_lowest_noise_first": cal.patch_sizes,   # last: marks it finished
+                                    "undetermined_steps": undetermined, "seconds": seconds,
+                                    "engine": engine_log.summarize(run)}, replace=True)
     run.release()
     return cal

@@ -254,10 +254,12 @@ def _open(resume: str | Path | None, config: dict[str, Any], out: str | Path, na
         return RunDir.create("criticality", config, root=out, name=name).lock()
     run = RunDir.open(resume).lock()
     if run.config.get("kind") != "criticality":
+        run.release()
         raise ValueError(f"resume {resume}: not a criticality run (kind {run.config.get('kind')!r})")
     wanted = json.loads(json.dumps(jsonable(config)))
     changed = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and run.config.get(k) != wanted[k])
     if changed:
+        run.release()
         raise ValueError(f"resume {resume}: options differ from the saved run: "
                          + ", ".join(f"{k} {run.config.get(k)!r} → {wanted[k]!r}" for k in changed))
     updates = {k: wanted[k] for k in RESUMABLE_CHANGES if k != "model" and run.config.get(k) != wanted[k]}

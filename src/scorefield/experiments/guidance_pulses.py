@@ -680,9 +680,9 @@ def _guided_calls(results: dict[str, dict[tuple[int, str], dict[str, np.ndarray]
 # ---- figures --------------------------------------------------------------------------------------------------
 
 def _pyplot():
-    import matplotlib
+    from ..plotting import select_backend
 
-    matplotlib.use("Agg")
+    select_backend()
     import matplotlib.pyplot as plt
 
     return plt

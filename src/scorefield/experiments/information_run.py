@@ -79,6 +79,7 @@ def _open(resume: str | Path | None, config: dict[str, Any], out: str | Path, na
     wanted = json.loads(json.dumps(jsonable(config)))                 # as it would have been saved
     changed = sorted(k for k in wanted if k != "model" and run.config.get(k) != wanted[k])
     if changed:
+        run.release()
         raise ValueError(f"resume {resume}: options differ from the saved run: "
                          + ", ".join(f"{k} {run.config.get(k)!r} → {wanted[k]!r}" for k in changed))
     return run

@@ -17,6 +17,7 @@ determination, is the headline; Pearson r beside it). The run directory holds:
 """
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,11 +28,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..analysis.compare import agreement, agreement_table, per_sample_rows
 from ..data import ImageSet
 from ..models import Denoiser, ModelConfigError, make
 from ..models.machines import PatchSchedule, calibrated_patch_schedule
-from ..runs import RunDir, RunError
+from ..runs import RunDir, RunError, jsonable
 from ..sampling import initial_noise, sample
 from . import engine_log
 from .calibration import PATCH_MACHINES, Calibration
@@ -88,13 +90,16 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
             theory_options: dict[str, dict[str, Any]] | None = None, batch_size: int = 50,
             out: str | Path = "runs", name: str | None = None, resume: str | Path | None = None,
             progress: bool = True, network_spec: dict[str, Any] | None = None,
-            data_spec: dict[str, Any] | None = None, calibration_run: str | None = None) -> PredictResult:
+            data_spec: dict[str, Any] | None = None, calibration_run: str | None = None,
+            shard: str = "seeds") -> PredictResult:
     """Sample `network` and each theory from the same seeds and score every theory against the network.
 
     theories: registry names or Denoiser objects (default IS, LS and bbELS or ELS by the network's padding);
     schedule_from: the patch-size schedule of the patch machines (a Calibration, its run directory, or a list
     of sizes lowest noise first); theory_options: extra `make` options per theory name; clip_x0: clip x̂₀ to
-    [−1, 1] in the sampler for every denoiser (a no-op for the machines); resume: an interrupted run directory.
+    [−1, 1] in the sampler for every denoiser (a no-op for the machines); resume: an interrupted run directory;
+    shard: under torchrun, 'seeds' (each rank samples a contiguous share of the seeds of every denoiser, rank 0
+    gathers and writes them) or 'bank' (the machines' training images split over the ranks).
     """
     padding = padding or denoiser_padding(network)
     theories = list(theories) if theories is not None else default_theories(padding)
@@ -110,38 +115,69 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     if len(set(names)) != len(names) or NETWORK in names:
         raise ModelConfigError(f"theory names must be distinct and not '{NETWORK}', got {names}")
     label_tensor = resolve_labels(network, labels, len(seeds), data)
+    if distributed.check_shard(shard) == "bank":
+        built = [(n, distributed.shard_bank(m) if distributed.bank_splittable(m) else m) for n, m in built]
     config = {"network": network_spec or describe_denoiser(network), "theories": {
         n: describe_denoiser(m)["config"] for n, m in built}, "seeds": seeds, "steps": steps, "schedule": schedule,
         "sampler": sampler, "padding": padding, "clip_x0": bool(clip_x0), "baseline": baseline,
         "labels": None if label_tensor is None else label_tensor.tolist(), "calibration_run": calibration_run,
         "data": data_spec or {"name": data.name, "n": len(data)}}
-    run = (RunDir.open(resume) if resume is not None else RunDir.create("predict", config, root=out, name=name)).lock()
-    if resume is not None and run.config.get("seeds") != seeds:
-        raise RunError(f"cannot resume {run.path}: it was run with other seeds")
+    run = distributed.shared_run(lambda: _open_run(resume, config, out, name))
     noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
     samples: dict[str, torch.Tensor] = {}
     for label, model in tqdm([(NETWORK, network), *built], desc="predict", unit="denoiser", disable=not progress):
         samples[label] = _samples_of(run, label, model, noise, seeds, label_tensor, batch_size,
-                                     dict(steps=steps, sampler=sampler, schedule=schedule, clip_x0=clip_x0))
-    result = _score(run, samples, names, seeds, label_tensor, baseline)
+                                     dict(steps=steps, sampler=sampler, schedule=schedule, clip_x0=clip_x0),
+                                     split=shard == "seeds")
+    result = distributed.on_writer(lambda: _score(run, samples, names, seeds, label_tensor, baseline))
     run.release()
     return result
 
 
+def _open_run(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None) -> RunDir:
+    run = (RunDir.open(resume) if resume is not None else RunDir.create("predict", config, root=out, name=name)).lock()
+    if resume is not None:
+        _check_resume(run, config)
+    return run
+
+
+def _check_resume(run: RunDir, config: dict[str, Any]) -> None:
+    """Refuse (and release) a resume whose options differ from the saved run's, listing them; the network and
+    data are described, not compared (the caller passes them again)."""
+    saved = run.config
+    wanted = json.loads(json.dumps(jsonable(config)))                 # as it would have been saved
+    differ = [k for k in wanted if k not in ("network", "data", "calibration_run") and saved.get(k) != wanted[k]]
+    if saved.get("kind") != "predict" or differ:
+        run.release()
+        what = (f"it is a '{saved.get('kind')}' run" if saved.get("kind") != "predict" else
+                "options differ from the saved run: " + "; ".join(f"{k} {saved.get(k)!r} → {wanted[k]!r}"
+                                                                   for k in differ))
+        raise RunError(f"cannot resume {run.path} as a prediction: {what}")
+
+
 def _samples_of(run: RunDir, label: str, model: Denoiser, noise: torch.Tensor, seeds: list[int],
-                labels: torch.Tensor | None, batch_size: int, sampling: dict[str, Any]) -> torch.Tensor:
+                labels: torch.Tensor | None, batch_size: int, sampling: dict[str, Any],
+                split: bool = False) -> torch.Tensor | None:
+    """One denoiser's samples [N, C, H, W] (on rank 0; None on the others). split: each rank samples a contiguous
+    share of the seeds and rank 0 gathers them in seed order and writes the file."""
     path = f"samples/{label}.npz"
-    if run.exists(path):
-        return torch.from_numpy(run.load_arrays(path)["samples"])        # finished before an interruption
+    if distributed.on_writer(lambda: run.exists(path)):                # finished before an interruption
+        return torch.from_numpy(run.load_arrays(path)["samples"]) if distributed.is_writer() else None
     tic = time.perf_counter()
+    mine = distributed.split_positions(len(seeds)) if split else list(range(len(seeds)))
     parts = []
-    for start in range(0, len(seeds), batch_size):
-        sl = slice(start, start + batch_size)
+    for start in range(0, len(mine), batch_size):
+        sl = slice(mine[start], mine[min(start + batch_size, len(mine)) - 1] + 1)
         parts.append(sample(model, noise[sl], labels=None if labels is None else labels[sl], seeds=seeds[sl],
                             **sampling))
-    out = torch.cat(parts)
+    done = [(torch.cat(parts), distributed.drain_engine_log(model))]
+    done = distributed.gather_objects(done[0]) if split else done
+    if not distributed.is_writer():
+        return None
+    out = torch.cat([part for part, _ in done])
     run.save_arrays(path, samples=out, seeds=np.asarray(seeds))
-    engine_log.record(run, model, denoiser=label)
+    for _, entries in done:
+        distributed.record_engine_entries(run, entries, denoiser=label)
     run.log_metrics(denoiser=label, seconds=time.perf_counter() - tic, n=len(seeds))
     return out
 
@@ -159,11 +195,11 @@ def _score(run: RunDir, samples: dict[str, torch.Tensor], names: list[str], seed
                "median_pearson": {r["theory"]: r["pearson_median"] for r in table},
                "network_sample_min": float(net.min()), "network_sample_max": float(net.max()), "n": len(seeds),
                "engine": engine_log.summarize(run)}
-    run.write_json("summary.json", summary, replace=True)
     from ..analysis.prediction_figures import comparison_grid, scatter_vs_baseline
 
     if baseline in scores and len(names) > 1:
         run.save_figure("scatter", scatter_vs_baseline(scores, baseline), replace=True)
     for page, start in enumerate(range(0, len(seeds), PAGE)):
         run.save_figure(f"grid-{page:02d}", comparison_grid(samples, scores, names, start, PAGE), replace=True)
+    run.write_json("summary.json", summary, replace=True)           # last: its presence marks a finished run
     return PredictResult(table=table, per_sample=rows, scores=scores, samples=samples, run_dir=run.path)

@@ -485,9 +485,9 @@ def _figures(run: RunDir, dataset: str, held_out: Tensor, samples: dict[str, Ten
              phi4_params: dict[str, Any] | None) -> None:
     """<dataset>-spectra.png, <dataset>-samples.png and (φ⁴) phi4-observables.png, each with the numbers it
     shows in the .npz of the same name (the sample grid's are <dataset>-samples.npz)."""
-    import matplotlib
+    from ..plotting import select_backend
 
-    matplotlib.use("Agg")
+    select_backend()
 
     n = {label: len(x) for label, x in samples.items()}
     sizes = sorted({v for k, v in n.items() if k not in REFERENCE_ROWS}) or sorted(set(n.values()))

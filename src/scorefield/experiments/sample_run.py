@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import data as sf_data
+from .. import distributed, tensorboard_log
 from .. import models as sf_models
 from ..analysis.figures import grid_figure, image_grid_figure
 from ..analysis.nearest import nearest_training_images
@@ -190,18 +191,21 @@ def _check_labels(labels: torch.Tensor, data: sf_data.ImageSet) -> torch.Tensor:
 
 
 def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", name: str | None = None,
-                 resume: str | Path | None = None, progress: bool = True) -> RunDir:
+                 resume: str | Path | None = None, progress: bool = True, shard: str = "seeds") -> RunDir:
     """Sample `cfg.n` images with `cfg.model` trained on / built from `cfg.data`; returns the run directory.
 
     Everything is checked (names, option keys, ranges, labels against the model, memory) before the run
     directory is created. resume: an existing run directory of this job; its saved config is used and its
     finished batches are kept. A `cfg` given with `resume` must agree with the saved one in every field it
     sets away from the defaults (`resume_differences`); a difference is refused with the list.
+    shard: under torchrun, 'seeds' (whole batches dealt to the ranks; the files are those of one process) or
+    'bank' (every rank holds a shard of the machine's training images; `scorefield.distributed`).
     """
+    shard = distributed.check_shard(shard)
     if resume is not None:
-        run = RunDir.open(resume).lock()
+        run = distributed.shared_run(lambda: RunDir.open(resume).lock())
         try:
-            saved = _saved_config(run)
+            saved = distributed.on_writer(lambda: _saved_config(run))
             differ = resume_differences(saved, cfg)
             if differ:
                 raise RunError(f"cannot resume {run.path} with different options: {'; '.join(differ)} "
@@ -218,14 +222,17 @@ def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", nam
     cfg = with_training_data(cfg)
     data = sf_data.load(cfg.data, **cfg.data_options)
     model = build_model(cfg, data)
+    if shard == "bank":
+        distributed.shard_bank(model)
     labels = sample_labels(cfg, data, model)
     guidance = guidance_of(cfg, model)
     check_sampling_memory(cfg, data)
     if cfg.model_run:  # record what was actually sampled, not the default machine name
         cfg = replace(cfg, model=str(model.config.get("name", model.name)))
     if run is None:
-        run = RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed).lock()
-    if guidance is not None and not run.exists("guidance.json"):
+        run = distributed.shared_run(
+            lambda: RunDir.create("sample", asdict(cfg), root=root, name=name, seed=cfg.seed).lock())
+    if guidance is not None and distributed.is_writer() and not run.exists("guidance.json"):
         sched = get_schedule(cfg.schedule)
         grid = default_grid(sched, cfg.steps, cfg.sampler)
         lo, hi = guidance.alpha_bar_window(sched, grid)
@@ -235,10 +242,13 @@ def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", nam
     image_shape = (data.channels, data.height, data.width)
     seeds = [cfg.seed + i for i in range(cfg.n)]
     starts = list(range(0, cfg.n, cfg.batch_size))
-    bar = tqdm(starts, desc=f"sampling {cfg.model} on {cfg.data}", unit="batch", disable=not progress)
-    for b, start in enumerate(bar):
-        if run.exists(_batch_name(b)):
-            continue                                          # finished before an interruption
+    done = distributed.on_writer(lambda: [run.exists(_batch_name(b)) for b in range(len(starts))])
+    pending = [b for b in range(len(starts)) if not done[b]]     # finished before an interruption: kept
+    bar = tqdm(total=len(starts), initial=len(starts) - len(pending), desc=f"sampling {cfg.model} on {cfg.data}",
+               unit="batch", disable=not progress)
+
+    def compute(b: int) -> dict[str, Any]:
+        start = starts[b]
         batch_seeds = seeds[start:start + cfg.batch_size]
         noise = initial_noise(len(batch_seeds), image_shape, seeds=batch_seeds)
         batch_labels = None if labels is None else labels[start:start + cfg.batch_size]
@@ -253,10 +263,21 @@ def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", nam
         if recorder is not None:
             arrays["trajectory_x"] = torch.stack(recorder.x, 1)      # [b, steps, C, H, W]
             arrays["trajectory_x0_hat"] = torch.stack(recorder.x0_hat, 1)
-        run.save_arrays(_batch_name(b), **arrays)
-        engine_log.record(run, model, batch=b)
-        run.log_metrics(batch=b, n=len(batch_seeds), seconds=time.perf_counter() - tic)
-    finish_run(run, data)
+        return {"arrays": arrays, "engine": distributed.drain_engine_log(model), "n": len(batch_seeds),
+                "seconds": time.perf_counter() - tic}
+
+    def save(b: int, done_batch: dict[str, Any]) -> None:   # rank 0 (every batch, whichever rank sampled it)
+        run.save_arrays(_batch_name(b), **done_batch["arrays"])
+        distributed.record_engine_entries(run, done_batch["engine"], batch=b)
+        run.log_metrics(batch=b, n=done_batch["n"], seconds=done_batch["seconds"])
+        tensorboard_log.log(run, b, prefix="sampling/", n=done_batch["n"], seconds=done_batch["seconds"])
+        bar.update(1)
+
+    distributed.run_units(pending, compute, save, split_work=shard == "seeds", what="batches")
+    bar.close()
+    if distributed.is_writer():
+        finish_run(run, data)
+    distributed.barrier()
     return run.release()
 
 
@@ -299,5 +320,6 @@ def finish_run(run: RunDir, data: sf_data.ImageSet) -> dict[str, Any]:
     if not run.exists("samples.png"):
         run.save_figure("samples", grid_figure(samples, title=f"{len(samples)} samples (row by row from #0)"))
     if not run.exists("summary.json"):                        # last: its presence marks a finished run
+        tensorboard_log.log_summary(run, summary)
         run.write_json("summary.json", summary)
     return summary

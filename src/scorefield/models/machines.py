@@ -39,6 +39,7 @@ from ..engine import (
     softmax_posterior,
 )
 from ..engine.gemm_route import fold_path
+from ..engine.multisize_route import denoise_sizes
 from ..engine.patch_posterior import check_patch_fits
 from ..schedules import get_schedule
 from .base import Denoiser, DenoiserInputError, check_denoiser_inputs
@@ -269,6 +270,20 @@ class PatchMachine(_BatchSplitMachine):
     def _size_of(self, alpha_bar: float) -> int:
         return self.size_of(alpha_bar)
 
+    def denoise_sizes(self, x: Tensor, alpha_bar: Tensor | float, labels: Tensor | None,
+                      sizes: Sequence[int]) -> dict[int, Tensor]:
+        """{P: x̂₀ [B, C, H, W]} at the sizes of `sizes` (this machine's schedule aside) that one pass of the
+        engine's multi-size route covers (`engine.multisize_route`: circular ELS, zero-padded bbELS; CPU); {} when it
+        covers fewer than two, so that the caller evaluates those sizes one by one (calibration)."""
+        x, ab, labels = self.validate_call(x, alpha_bar, labels)
+        if self.conditional:
+            return {}
+        engine, _ = self.engines.get(None)
+        if not isinstance(engine, PatchPosterior):
+            return {}
+        engine.to(x.device)
+        return denoise_sizes(engine, x, ab, sizes)
+
     def _provenance_shape(self, x: Tensor) -> tuple[int, ...]:
         return (x.shape[0], *x.shape[2:], 3)             # (dataset image, y, x) of each pixel's arg-max patch
 
@@ -290,6 +305,7 @@ class ImageMachine(_BatchSplitMachine):
         self.name, self.conditional, self.translates = name, bool(conditional), translates
         self.options = dict(dtype=dtype, chunk_images=chunk_images, memory_budget=memory_budget, topk=topk)
         self.images = Conditioned(data, conditional, lambda images: images)
+        self.posterior = image_posterior        # the bank split over ranks swaps in its merged form (sf.distributed)
         self._log: list[dict[str, Any]] = []
 
     def move_state(self, device: torch.device) -> None:
@@ -305,7 +321,7 @@ class ImageMachine(_BatchSplitMachine):
     def _part(self, label: int | None, size: int | None, x: Tensor, alpha_bar: Tensor,
               provenance: bool) -> tuple[Tensor, Tensor | None, Tensor]:
         images, index = self.images.get(label)
-        result = image_posterior(x, alpha_bar, images, translates=self.translates,
+        result = self.posterior(x, alpha_bar, images, translates=self.translates,
                                  return_provenance=provenance, **self.options)
         differentiable = torch.is_grad_enabled() and x.requires_grad and not provenance
         self._log.append({"label": label, "cross_term": "image", "device": str(x.device),
