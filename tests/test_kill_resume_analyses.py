@@ -211,6 +211,20 @@ def test_killed_after_a_unit_resumes_to_identical_outputs(command, reference, tm
     assert_same_outputs(reference(command), run)
 
 
+# the first final file each writes once every unit is done (the figures, slowed, come after it)
+FIRST_FINAL = {"information": "two_point.csv", "criticality": "trajectories.npz"}
+
+
+@pytest.mark.parametrize("command", list(FIRST_FINAL))
+def test_killed_while_writing_final_outputs_resumes_to_identical_outputs(command, reference, tmp_path):
+    run = tmp_path / "cut"
+    cut = _interrupt_when([*COMMANDS[command], "--out", str(tmp_path), "--name", "cut"], run / FIRST_FINAL[command],
+                          signal.SIGKILL, slow_figures=True)
+    _killed(cut, run)
+    _resume(command, run)
+    assert_same_outputs(reference(command), run)
+
+
 def test_calibrate_held_interrupted_and_killed_while_finishing(reference, tmp_path, capsys):
     """Stopped after a step, the run is held: a second process is refused by the lock; then Ctrl-C stops it with
     the resume command printed; a resume killed (-9) once the first final file exists; a last resume ends
