@@ -62,3 +62,19 @@ def test_without_tensorboard_nothing_is_written_and_results_are_the_same(tmp_pat
         monkeypatch.delenv("SCOREFIELD_TENSORBOARD")
         on = _train(tmp_path, "on")
         assert (on.run.path / "tb").is_dir() and [m["loss"] for m in on.losses] == [m["loss"] for m in off.losses]
+
+
+def test_calibration_and_prediction_write_their_schedule_and_summary(tmp_path):
+    pytest.importorskip("tensorboard")
+    data = sf.data.load("digits", subset=20)
+    network = sf.models.make("bbels", data, patch_size=[3, 5], padding="zeros")
+    cal = sf.experiments.calibrate(network, data, machine="bbels", patch_sizes=[3, 5], seeds=range(2), steps=3,
+                                   out=tmp_path, progress=False)
+    tb.close()
+    scalars = _scalars(cal.run_dir / "tb")
+    assert [v for _, v in scalars["calibrate/patch_size"]] == [float(p) for p in cal.chosen]
+    assert any(tag.startswith("summary/") for tag in scalars)
+    res = sf.experiments.predict(network, data, theories=["is"], seeds=range(2), steps=3, out=tmp_path,
+                                 progress=False)
+    tb.close()
+    assert any(tag.startswith("summary/") for tag in _scalars(res.run_dir / "tb"))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import convert, distributed
+from .. import convert, distributed, tensorboard_log
 from ..data import ImageSet
 from ..models import Denoiser, ModelConfigError, make
 from ..models.machines import PatchSchedule
@@ -275,8 +275,12 @@ def _finish(run: RunDir, config: dict[str, Any], record: _StepRecorder, seconds:
     from ..analysis.calibration_figure import calibration_figure
 
     run.save_figure("schedule", calibration_figure(cal), replace=True)
-    run.write_json("summary.json", {"patch_sizes_lowest_noise_first": cal.patch_sizes,   # last: marks it finished
-                                    "undetermined_steps": undetermined, "seconds": seconds,
-                                    "engine": engine_log.summarize(run)}, replace=True)
+    for step, row in enumerate(cal.table()):                          # P(t) per sampler step, for TensorBoard
+        tensorboard_log.log(run, step, prefix="calibrate/", patch_size=row["patch_size"],
+                            mean_best_cosine=row["mean_best_cosine"])
+    summary = {"patch_sizes_lowest_noise_first": cal.patch_sizes, "undetermined_steps": undetermined,
+               "seconds": seconds, "engine": engine_log.summarize(run)}
+    tensorboard_log.log_summary(run, summary)
+    run.write_json("summary.json", summary, replace=True)             # last: marks it finished
     run.release()
     return cal

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, tensorboard_log
 from ..analysis.compare import agreement, agreement_table, per_sample_rows
 from ..data import ImageSet
 from ..models import Denoiser, ModelConfigError, make
@@ -201,5 +201,6 @@ def _score(run: RunDir, samples: dict[str, torch.Tensor], names: list[str], seed
         run.save_figure("scatter", scatter_vs_baseline(scores, baseline), replace=True)
     for page, start in enumerate(range(0, len(seeds), PAGE)):
         run.save_figure(f"grid-{page:02d}", comparison_grid(samples, scores, names, start, PAGE), replace=True)
+    tensorboard_log.log_summary(run, summary)
     run.write_json("summary.json", summary, replace=True)           # last: its presence marks a finished run
     return PredictResult(table=table, per_sample=rows, scores=scores, samples=samples, run_dir=run.path)
