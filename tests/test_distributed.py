@@ -212,3 +212,42 @@ def test_predict_bank_split_matches_one_process(tmp_path):
         one, two = (np.load(tmp_path / n / "samples" / f"{denoiser}.npz")["samples"] for n in ("one", "two"))
         assert np.abs(one - two).max() <= 1e-5, denoiser
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_information_seed_split_matches_one_process(tmp_path):
+    """The parts of an information run dealt to 2 ranks: the same parts, merged trajectory and tables."""
+    argv = ["information", "--model", "els", "--patch", "3", "--data", "digits", "--subset", "30", "--n", "8",
+            "--part-size", "2", "--steps", "3", "--no-progress", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*argv, "--name", "one"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = _finish(_torchrun([*argv, "--name", "two"]))
+    assert out.count("run directory:") == 1
+    for name in ["trajectory.npz", *(f"parts/part-{k:03d}.npz" for k in range(4))]:
+        one, two = (np.load(tmp_path / n / name) for n in ("one", "two"))
+        for key in one.files:
+            assert np.array_equal(one[key], two[key]), (name, key)
+    assert (tmp_path / "one" / "two_point.csv").read_text() == (tmp_path / "two" / "two_point.csv").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_criticality_seed_split_matches_one_process(tmp_path):
+    argv = ["criticality", "--model", "els", "--patch", "3", "--data", "digits", "--subset", "30", "--n", "4",
+            "--part-size", "1", "--steps", "8", "--softening-every", "4", "--no-progress", "--out", str(tmp_path)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*argv, "--name", "one"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _finish(_torchrun([*argv, "--name", "two"]))
+    for name in ["trajectories.npz", *(f"parts/part-{k:03d}.npz" for k in range(4))]:
+        one, two = (np.load(tmp_path / n / name) for n in ("one", "two"))
+        for key in set(one.files) - {"seconds", "cpu_seconds"}:
+            assert np.array_equal(one[key], two[key], equal_nan=True), (name, key)     # ξ_eq is NaN off-window
+    for table in ("critical_times.csv", "softening.csv"):
+        assert (tmp_path / "one" / table).read_text() == (tmp_path / "two" / table).read_text(), table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]

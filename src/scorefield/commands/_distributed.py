@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-SPLIT_COMMANDS = ("sample", "calibrate", "predict")    # the commands whose work is dealt to torchrun's ranks
+SPLIT_COMMANDS = ("sample", "calibrate", "predict", "information", "criticality")   # work dealt to the ranks
 
 
 def add_shard_argument(p: argparse.ArgumentParser) -> None:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..analysis import criticality as cr
 from ..runs import RunDir, atomic_write_bytes, jsonable, markdown_table
 from ..sampling import SIGMA_VE_START, initial_noise, sample
@@ -110,29 +111,51 @@ def criticality_run(model: Any, image_shape: Sequence[int], n: int = 4, schedule
               "smoothing": float(smoothing), "part_size": int(part_size), "labels": labels,
               "snapshot_steps": snap_steps, "route": route_used,
               "tc_range": None if tc_range is None else [float(v) for v in tc_range]}
-    run = _open(resume, config, out, name)
+    run = distributed.shared_run(lambda: _open(resume, config, out, name))
     parts = [(start, min(start + part_size, n)) for start in range(0, n, part_size)]
+    names = [f"parts/part-{k:03d}.npz" for k in range(len(parts))]
     dtype = _state_dtype(denoiser)
-    records = []
-    for k, (start, stop) in enumerate(tqdm(parts, desc="criticality", unit="part", disable=not progress)):
-        path = run.file(f"parts/part-{k:03d}.npz")
-        if path.exists():
-            with np.load(path) as z:
-                saved = {key: z[key] for key in z.files}
-            if saved["seeds"].tolist() == list(range(start, stop)):
-                records.append(saved)
-                continue
+    done = distributed.on_writer(lambda: [_saved_part(run, name, start, stop)
+                                          for name, (start, stop) in zip(names, parts, strict=True)])
+    pending = [k for k in range(len(parts)) if not done[k]]          # finished before an interruption: kept
+    bar = tqdm(total=len(parts), initial=len(parts) - len(pending), desc="criticality", unit="part",
+               disable=not progress)
+
+    def compute(k: int) -> dict[str, np.ndarray]:
+        start, stop = parts[k]
         began, cpu = time.perf_counter(), time.process_time()
         rec = _record(denoiser, image_shape, start, stop, ts, sched, sampler, soft_steps, snap_steps, method,
                       shells, drift, correlation, _slice_labels(labels, start, stop), dtype)
         rec["seconds"] = np.array(time.perf_counter() - began)
         rec["cpu_seconds"] = np.array(time.process_time() - cpu)
-        run.save_arrays(f"parts/part-{k:03d}", **rec)
-        records.append(rec)
-    merged = _merge(records)
-    _analyse(run, merged, ts, sched, soft_steps, snap_steps, smoothing, model, denoiser, data, patch_size,
-             stationary_data, route_used, route_check, image_shape, drift, figures, tc_range)
-    return run.release()
+        return rec
+
+    def save(k: int, rec: dict[str, np.ndarray]) -> None:
+        run.save_arrays(names[k][:-len(".npz")], replace=True, **rec)
+        bar.update(1)
+
+    # under torchrun the parts are dealt to the ranks (seed split); rank 0 saves each and analyses
+    distributed.run_units(pending, compute, save, what="parts")
+    bar.close()
+    with distributed.writer_only() as writing:
+        if writing:
+            records = []
+            for name in names:                                            # in seed order, as one process would
+                with np.load(run.file(name)) as z:
+                    records.append({key: z[key] for key in z.files})
+            _analyse(run, _merge(records), ts, sched, soft_steps, snap_steps, smoothing, model, denoiser, data,
+                     patch_size, stationary_data, route_used, route_check, image_shape, drift, figures, tc_range)
+            run.release()
+    return run
+
+
+def _saved_part(run: RunDir, name: str, start: int, stop: int) -> bool:
+    """Whether part `name` was saved for exactly the seeds start..stop−1 (a resume may change --n and so the
+    last part)."""
+    if not run.exists(name):
+        return False
+    with np.load(run.file(name)) as z:
+        return z["seeds"].tolist() == list(range(start, stop))
 
 
 # ---- options ----------------------------------------------------------------------------------------------------

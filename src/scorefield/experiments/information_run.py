@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..analysis import information as info
 from ..models import Denoiser
 from ..runs import RunDir, jsonable
@@ -51,25 +52,41 @@ def information_run(model: Denoiser, image_shape: Sequence[int], n: int = 512, t
               "steps": int(steps), "schedule": schedule, "sampler": sampler, "labels": labels,
               "anchors": anchors, "translation": translation, "part_size": int(part_size),
               "blocks_per_part": int(blocks_per_part), "window": int(window)}
-    run = _open(resume, config, out, name)
+    run = distributed.shared_run(lambda: _open(resume, config, out, name))
     parts = [(start, min(start + part_size, n)) for start in range(0, n, part_size)]
-    traj = None
-    for k, (start, stop) in enumerate(tqdm(parts, desc="information", unit="part", disable=not progress)):
-        path = run.file(f"parts/part-{k:03d}.npz")
-        if path.exists():
-            part = info.Trajectory.load(path)                          # finished before an interruption
-        else:
-            noise = initial_noise(stop - start, image_shape, seeds=range(start, stop))
-            part_labels = _slice_labels(labels, start, stop)
-            part = info.record(model, noise, times=times, steps=steps, schedule=schedule, sampler=sampler,
-                               labels=part_labels, anchors=anchors, blocks=min(blocks_per_part, stop - start),
-                               seeds=list(range(start, stop)), progress=False)
-            path.parent.mkdir(exist_ok=True)
-            part.save(path)
-        traj = part if traj is None else traj.merge(part)
-    traj.save(run.file("trajectory.npz"))
-    _analyse(run, traj, _uses_translation(model, translation), window)
-    return run.release()
+    names = [f"parts/part-{k:03d}.npz" for k in range(len(parts))]
+    done = distributed.on_writer(lambda: [run.exists(name) for name in names])
+    pending = [k for k in range(len(parts)) if not done[k]]          # finished before an interruption: kept
+    bar = tqdm(total=len(parts), initial=len(parts) - len(pending), desc="information", unit="part",
+               disable=not progress)
+
+    def compute(k: int) -> info.Trajectory:
+        start, stop = parts[k]
+        noise = initial_noise(stop - start, image_shape, seeds=range(start, stop))
+        return info.record(model, noise, times=times, steps=steps, schedule=schedule, sampler=sampler,
+                           labels=_slice_labels(labels, start, stop), anchors=anchors,
+                           blocks=min(blocks_per_part, stop - start), seeds=list(range(start, stop)),
+                           progress=False)
+
+    def save(k: int, part: info.Trajectory) -> None:
+        path = run.file(names[k])
+        path.parent.mkdir(exist_ok=True)
+        part.save(path)
+        bar.update(1)
+
+    # under torchrun the parts are dealt to the ranks (seed split); rank 0 saves each and analyses
+    distributed.run_units(pending, compute, save, what="parts")
+    bar.close()
+    with distributed.writer_only() as writing:
+        if writing:
+            traj = None
+            for name in names:                                            # in seed order, as one process would
+                part = info.Trajectory.load(run.file(name))
+                traj = part if traj is None else traj.merge(part)
+            traj.save(run.file("trajectory.npz"))
+            _analyse(run, traj, _uses_translation(model, translation), window)
+            run.release()
+    return run
 
 
 def _open(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None) -> RunDir:
