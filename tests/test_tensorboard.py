@@ -78,3 +78,17 @@ def test_calibration_and_prediction_write_their_schedule_and_summary(tmp_path):
                                  progress=False)
     tb.close()
     assert any(tag.startswith("summary/") for tag in _scalars(res.run_dir / "tb"))
+
+
+def test_information_and_criticality_write_their_summaries(tmp_path):
+    pytest.importorskip("tensorboard")
+    from scorefield.experiments import criticality_run, information_run
+
+    data = sf.data.load("digits", subset=20)
+    model = sf.models.make("els", data, patch_size=3, padding="circular")
+    runs = [information_run(model, (1, 8, 8), n=4, steps=3, out=tmp_path, name="info", progress=False),
+            criticality_run(model, (1, 8, 8), n=2, steps=8, softening_every=4, out=tmp_path, name="crit",
+                            progress=False, figures=False)]
+    tb.close()
+    for run in runs:
+        assert any(tag.startswith("summary/") for tag in _scalars(run.path / "tb")), run.path

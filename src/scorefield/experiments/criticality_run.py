@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, tensorboard_log
 from ..analysis import criticality as cr
 from ..runs import RunDir, atomic_write_bytes, jsonable, markdown_table
 from ..sampling import SIGMA_VE_START, initial_noise, sample
@@ -477,6 +477,7 @@ def _analyse(run: RunDir, rec: dict[str, np.ndarray], ts: torch.Tensor, sched: S
                "cpu_seconds": float(np.nansum(rec["cpu_seconds"])), "cpu_seconds_per_part": rec["cpu_seconds"].tolist(),
                "t_c_two_state": t_c, "measured": peaks,
                "theory": {r["estimate"]: r["t"] for r in table if r["kind"] == "theory"}}
+    tensorboard_log.log_summary(run, summary)
     run.write_json("summary.json", summary, replace=True)
 
 

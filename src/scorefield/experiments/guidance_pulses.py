@@ -85,6 +85,7 @@ import torch
 
 from .. import data as sf_data
 from .. import models as sf_models
+from .. import tensorboard_log
 from ..analysis import classifiers as clf
 from ..analysis import criticality as cr
 from ..options import closest
@@ -874,6 +875,7 @@ def _run(run: RunDir, cfg: PulseConfig, progress: bool) -> RunDir:
                                              for arm in cfg.arms},
                "classes": classes, "critical_minus_random": headline, "guided_calls": _guided_calls(results),
                "time": clock.stages}
+    tensorboard_log.log_summary(run, summary)
     run.write_json("summary.json", summary, replace=True)
     return run
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .. import distributed
+from .. import distributed, tensorboard_log
 from ..analysis import information as info
 from ..models import Denoiser
 from ..runs import RunDir, jsonable
@@ -152,6 +152,7 @@ def _analyse(run: RunDir, traj: info.Trajectory, translation: bool, window: int)
         except info.InformationError:
             pass
     summary["collapse_threshold"], summary["early_alpha_bar"] = COLLAPSE_THRESHOLD, EARLY_ALPHA_BAR
+    tensorboard_log.log_summary(run, summary)
     run.write_json("summary.json", summary, replace=True)
 
 
