@@ -46,6 +46,16 @@ def _torchrun(argv: list[str]) -> subprocess.Popen:
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _one_process(argv: list[str]) -> None:
+    """The command in this process on one thread, as each torchrun rank runs (so results compare bitwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _finish(proc: subprocess.Popen) -> str:
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
@@ -186,12 +196,7 @@ def test_calibrate_seed_split_matches_one_process(tmp_path):
     argv = ["calibrate", "--model", "bbels", "--patch", "5", "--model-padding", "zeros", "--data", "digits",
             "--subset", "30", "--sizes", "3,5", "--seeds", "3", "--steps", "2", "--no-progress", "--out",
             str(tmp_path)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*argv, "--name", "one"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _one_process([*argv, "--name", "one"])
     out = _finish(_torchrun([*argv, "--name", "two"]))
     assert out.count("calibrated bbels") == 1
     one, two = (np.load(tmp_path / n / "calibration.npz") for n in ("one", "two"))
@@ -218,12 +223,7 @@ def test_information_seed_split_matches_one_process(tmp_path):
     """The parts of an information run dealt to 2 ranks: the same parts, merged trajectory and tables."""
     argv = ["information", "--model", "els", "--patch", "3", "--data", "digits", "--subset", "30", "--n", "8",
             "--part-size", "2", "--steps", "3", "--no-progress", "--out", str(tmp_path)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*argv, "--name", "one"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _one_process([*argv, "--name", "one"])
     out = _finish(_torchrun([*argv, "--name", "two"]))
     assert out.count("run directory:") == 1
     for name in ["trajectory.npz", *(f"parts/part-{k:03d}.npz" for k in range(4))]:
@@ -237,12 +237,7 @@ def test_information_seed_split_matches_one_process(tmp_path):
 def test_criticality_seed_split_matches_one_process(tmp_path):
     argv = ["criticality", "--model", "els", "--patch", "3", "--data", "digits", "--subset", "30", "--n", "4",
             "--part-size", "1", "--steps", "8", "--softening-every", "4", "--no-progress", "--out", str(tmp_path)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main([*argv, "--name", "one"]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    _one_process([*argv, "--name", "one"])
     _finish(_torchrun([*argv, "--name", "two"]))
     for name in ["trajectories.npz", *(f"parts/part-{k:03d}.npz" for k in range(4))]:
         one, two = (np.load(tmp_path / n / name) for n in ("one", "two"))

@@ -44,7 +44,7 @@ from .engine import kernels
 from .engine.banks import WholeImages
 from .engine.errors import PatchConfigError
 from .engine.flat import FLAT_LOGIT_SPREAD, flat_logit_spread
-from .engine.gemm_route import _scatter
+from .engine.gemm_route import group_queries, scatter_groups
 from .engine.geometry import check_patch_size, extract_patches
 from .engine.patch_posterior import PatchPosterior, check_patch_fits
 from .engine.posterior import DEFAULT_MEMORY_BUDGET, DEFAULT_TOPK, noise_coefficients, softmax_posterior
@@ -384,10 +384,7 @@ class ShardedPatchPosterior:
         for i, gb in enumerate(engine.layout(patch_size)):
             source = engine.bank(patch_size, i)
             query_locs = gb.query_locs.to(x.device)
-            lq = query_locs.shape[1]
-            q = queries[:, query_locs].permute(1, 0, 2, 3).reshape(gb.groups, b * lq, -1)   # [G, B·Lq, D]
-            a_q = a[:, None].expand(b, lq).reshape(1, -1).expand(gb.groups, -1)
-            s2_q = s2[:, None].expand(b, lq).reshape(1, -1).expand(gb.groups, -1)
+            q, a_q, s2_q = group_queries(queries, a, s2, query_locs, gb.groups)              # [G, B·Lq, D]
             spread = flat_logit_spread(q, a_q, s2_q, self.max_pixel)
             stats["pairs_total"] += q.shape[1] * source.num_keys * gb.groups
             if spread <= FLAT_LOGIT_SPREAD:    # the same decision on every rank: same queries, global max pixel
@@ -399,11 +396,11 @@ class ShardedPatchPosterior:
                                             memory_budget=engine.memory_budget, chunk_keys=chunk,
                                             merge=all_reduce_state)
                 stats["pairs_evaluated"] += q.shape[1] * source.folded_keys * gb.groups
-            parts.append((query_locs.T, mean.reshape(gb.groups, b, lq, c).permute(1, 2, 0, 3)))
+            parts.append((query_locs.T, mean.reshape(gb.groups, b, -1, c).permute(1, 2, 0, 3)))
         stats["fraction"] = stats["pairs_evaluated"] / max(1, stats["pairs_total"])
         self.last_stats = stats
         self.history.append(stats)
-        return _scatter(parts, b, c, engine.dtype).transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
+        return scatter_groups(parts, b, c, engine.dtype).transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
 
     def prior_mean(self, patch_size: int, batch_index: int) -> Tensor:
         """[G, V] prior mean Σ_k w_k v_k / Σ_k w_k over every rank's bank: each rank's (log total weight, mean)

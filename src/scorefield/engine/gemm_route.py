@@ -48,9 +48,7 @@ def denoise_gemm(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int,
         source = engine.bank(patch_size, i)
         query_locs = gb.query_locs.to(x.device)
         lq = query_locs.shape[1]
-        q = queries[:, query_locs].permute(1, 0, 2, 3).reshape(gb.groups, b * lq, -1)   # [G, B·Lq, D]
-        a_q = a[:, None].expand(b, lq).reshape(1, -1).expand(gb.groups, -1)
-        s2_q = s2[:, None].expand(b, lq).reshape(1, -1).expand(gb.groups, -1)
+        q, a_q, s2_q = group_queries(queries, a, s2, query_locs, gb.groups)
         mean, best, part = _fold_group(engine, q, a_q, s2_q, source, patch_size, i, gb.key_locs.shape[1],
                                        provenance, differentiable)
         for key in ("pairs_evaluated", "pairs_total"):
@@ -61,11 +59,22 @@ def denoise_gemm(engine: PatchPosterior, x: Tensor, ab: Tensor, patch_size: int,
         if provenance:
             prov[:, locs] = source.sources(best).reshape(gb.groups, b, lq, 3).permute(1, 2, 0, 3).to(x.device)
     stats["fraction"] = stats["pairs_evaluated"] / max(1, stats["pairs_total"])
-    result = _scatter(parts, b, c, work).transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
+    result = scatter_groups(parts, b, c, work).transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
     return result, None if prov is None else prov.reshape(b, h, w, 3), stats
 
 
-def _scatter(parts: list[tuple[Tensor, Tensor]], b: int, c: int, dtype: torch.dtype) -> Tensor:
+def group_queries(queries: Tensor, a: Tensor, s2: Tensor, query_locs: Tensor, groups: int
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """The queries of one group batch as rows: patches [G, B·Lq, D] and their a, s² [G, B·Lq], from patches
+    [B, H·W, D], per-sample a, s² [B] and the batch's query locations [G, Lq]."""
+    b, lq = queries.shape[0], query_locs.shape[1]
+    q = queries[:, query_locs].permute(1, 0, 2, 3).reshape(groups, b * lq, -1)
+    a_q = a[:, None].expand(b, lq).reshape(1, -1).expand(groups, -1)
+    s2_q = s2[:, None].expand(b, lq).reshape(1, -1).expand(groups, -1)
+    return q, a_q, s2_q
+
+
+def scatter_groups(parts: list[tuple[Tensor, Tensor]], b: int, c: int, dtype: torch.dtype) -> Tensor:
     """[B, H·W, C] from each group batch's means [B, Lq, G, C] at its query locations [Lq, G]. The group batches
     partition the H·W locations, so one permutation puts every pixel in place (out of place: autograd follows)."""
     locs = torch.cat([loc.reshape(-1) for loc, _ in parts])                      # [H·W]
