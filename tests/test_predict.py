@@ -212,3 +212,26 @@ def test_bad_calibration_input_is_refused_before_a_run_directory_exists(digits, 
         sf.experiments.calibrate(known_network, digits, patch_sizes=[3], seeds=range(2), labels=[1, 2, 3],
                                  steps=3, out=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_network_can_take_its_own_step_count_from_the_same_noise(digits, tmp_path, capsys):
+    """kamb-ganguli App. B: the CNN sampled with 150 steps against 20-step theories; here 9 against 4."""
+    net = sf.models.make("ls", digits, patch_size=5, padding="zeros")
+    res = sf.experiments.predict(net, digits, theories=["ls"], schedule_from=[5] * 4, seeds=range(3), steps=4,
+                                 network_steps=9, out=tmp_path, progress=False)
+    noise = sf.sampling.initial_noise(3, (1, 8, 8), seeds=[0, 1, 2])
+    fine = sf.sampling.sample(net, noise, steps=9, clip_x0=True)
+    coarse = sf.sampling.sample(net, noise, steps=4, clip_x0=True)
+    torch.testing.assert_close(res.samples["network"], fine)
+    torch.testing.assert_close(res.samples["ls"], coarse)
+    assert (res.samples["network"] - res.samples["ls"]).abs().max() > 1e-3      # the step counts differ
+    assert RunDir.open(res.run_dir).config["network_steps"] == 9
+    with pytest.raises(sf.models.ModelConfigError, match="network_steps"):
+        sf.experiments.predict(net, digits, theories=["ls"], schedule_from=[5] * 4, seeds=range(2), steps=4,
+                               network_steps=0, out=tmp_path, progress=False)
+    common = ["--model", "ls", "--patch", "5", "--data", "digits", "--subset", "60", "--steps", "4", "--seeds", "2",
+              "--theories", "ls", "--patch-sizes", "5,5,5,5", "--out", str(tmp_path), "--no-progress"]
+    assert main(["predict", *common, "--network-steps", "0"]) == 2
+    assert "--network-steps must be at least 1" in capsys.readouterr().err
+    assert main(["predict", *common, "--network-steps", "9", "--name", "n9"]) == 0
+    assert RunDir.open(tmp_path / "n9").config["network_steps"] == 9

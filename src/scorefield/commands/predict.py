@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--cal-seeds", type=int, default=4, help="calibration seeds when calibrating (default 4)")
     g.add_argument("--sizes", default="3:15", help="candidate sizes when calibrating (default 3:15)")
     add_sampling_arguments(p)
+    p.add_argument("--network-steps", type=int, default=None, help="sampler steps of the network alone "
+                   "(default --steps); the paper also samples its CNNs with 150 steps against 20-step theories")
     add_shard_argument(p)
     p.set_defaults(func=run)
 
@@ -57,6 +59,8 @@ def check_before_work(args: argparse.Namespace, theories: list[str] | None) -> N
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.network_steps is not None and args.network_steps < 1:
+        raise ValueError(f"--network-steps must be at least 1, got {args.network_steps}")
     for name in theories or []:
         if name not in MODELS:
             raise ValueError(f"--theories: unknown model '{name}'{closest(name, MODELS)}; available: "
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                   steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=labels_of(args),
                   clip_x0=not args.no_clip, theory_options=theory_options, out=args.out, name=args.name,
                   resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec,
-                  calibration_run=cal_run, shard=args.shard)
+                  calibration_run=cal_run, shard=args.shard, network_steps=args.network_steps)
     if not writer():
         return 0
     cols = [c for c in res.table[0] if c not in ("r2_q25", "r2_q75", "pearson_q25", "pearson_q75")]

@@ -91,7 +91,7 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
             out: str | Path = "runs", name: str | None = None, resume: str | Path | None = None,
             progress: bool = True, network_spec: dict[str, Any] | None = None,
             data_spec: dict[str, Any] | None = None, calibration_run: str | None = None,
-            shard: str = "seeds") -> PredictResult:
+            shard: str = "seeds", network_steps: int | None = None) -> PredictResult:
     """Sample `network` and each theory from the same seeds and score every theory against the network.
 
     theories: registry names or Denoiser objects (default IS, LS and bbELS or ELS by the network's padding);
@@ -99,14 +99,17 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     of sizes lowest noise first); theory_options: extra `make` options per theory name; clip_x0: clip x̂₀ to
     [−1, 1] in the sampler for every denoiser (a no-op for the machines); resume: an interrupted run directory;
     shard: under torchrun, 'seeds' (each rank samples a contiguous share of the seeds of every denoiser, rank 0
-    gathers and writes them) or 'bank' (the machines' training images split over the ranks).
+    gathers and writes them) or 'bank' (the machines' training images split over the ranks);
+    network_steps: sampler steps of the network alone (default `steps`), from the same initial noise on the same
+    schedule. kamb-ganguli (App. B) sample the theories with 20 steps and the CNN with 20 and with 150, and
+    find that the 150-step network matches the 20-step theories better.
     """
     padding = padding or denoiser_padding(network)
     theories = list(theories) if theories is not None else default_theories(padding)
     seeds = [int(s) for s in seeds]
-    if not seeds or steps < 1 or not theories:
-        raise ModelConfigError(f"need seeds, steps ≥ 1 and theories; got {len(seeds)} seeds, {steps} steps, "
-                               f"theories {theories}")
+    if not seeds or steps < 1 or not theories or (network_steps is not None and network_steps < 1):
+        raise ModelConfigError(f"need seeds, steps ≥ 1, network_steps ≥ 1 and theories; got {len(seeds)} seeds, "
+                               f"{steps} steps, network_steps {network_steps}, theories {theories}")
     patch = resolve_patch_schedule(schedule_from, schedule)
     theory_options = dict(theory_options or {})
     built = [_build_theory(t, data, padding, patch, matched_conditioning(
@@ -118,7 +121,8 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     if distributed.check_shard(shard) == "bank":
         built = [(n, distributed.shard_bank(m) if distributed.bank_splittable(m) else m) for n, m in built]
     config = {"network": network_spec or describe_denoiser(network), "theories": {
-        n: describe_denoiser(m)["config"] for n, m in built}, "seeds": seeds, "steps": steps, "schedule": schedule,
+        n: describe_denoiser(m)["config"] for n, m in built}, "seeds": seeds, "steps": steps,
+        "network_steps": None if network_steps is None else int(network_steps), "schedule": schedule,
         "sampler": sampler, "padding": padding, "clip_x0": bool(clip_x0), "baseline": baseline,
         "labels": None if label_tensor is None else label_tensor.tolist(), "calibration_run": calibration_run,
         "data": data_spec or {"name": data.name, "n": len(data)}}
@@ -126,8 +130,9 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
     samples: dict[str, torch.Tensor] = {}
     for label, model in tqdm([(NETWORK, network), *built], desc="predict", unit="denoiser", disable=not progress):
+        n_steps = network_steps if label == NETWORK and network_steps is not None else steps
         samples[label] = _samples_of(run, label, model, noise, seeds, label_tensor, batch_size,
-                                     dict(steps=steps, sampler=sampler, schedule=schedule, clip_x0=clip_x0),
+                                     dict(steps=n_steps, sampler=sampler, schedule=schedule, clip_x0=clip_x0),
                                      split=shard == "seeds")
     result = distributed.on_writer(lambda: _score(run, samples, names, seeds, label_tensor, baseline))
     run.release()
