@@ -9,15 +9,34 @@ import argparse
 import os
 import sys
 
-SPLIT_COMMANDS = ("sample", "calibrate", "predict", "information", "criticality")   # work dealt to the ranks
+SPLIT_COMMANDS = ("sample", "calibrate", "predict", "information", "criticality", "guidance-pulses",
+                  "compare-processes")                                               # work dealt to the ranks
 
 
-def add_shard_argument(p: argparse.ArgumentParser) -> None:
+def add_shard_argument(p: argparse.ArgumentParser, bank: str | None = None) -> None:
+    """`--shard`; bank: None where the bank split applies, else why it does not (then `--shard bank` is refused
+    by `refuse_bank`, and the help says so)."""
     g = p.add_argument_group("scale-out (under torchrun)")
+    if bank is not None:
+        g.add_argument("--shard", default="seeds", choices=["seeds", "bank"],
+                       help="what the torchrun ranks split: 'seeds' only (default; the units of work are dealt to "
+                            f"the ranks, rank 0 writes one run directory); 'bank' is refused here ({bank}); no "
+                            "effect without torchrun")
+        return
     g.add_argument("--shard", default="seeds", choices=["seeds", "bank"],
                    help="what the torchrun ranks split: 'seeds' (default; each rank runs its share of the seeds, "
                         "rank 0 writes one run directory) or 'bank' (each rank holds a shard of the machines' "
                         "training images; the posteriors merge exactly); no effect without torchrun")
+
+
+def refuse_bank(args: argparse.Namespace, why: str) -> None:
+    """The one-line error for `--shard bank` in a command whose units are dealt whole to the ranks."""
+    from .. import distributed
+
+    if getattr(args, "shard", "seeds") == "bank":
+        raise distributed.DistributedError(f"--shard bank does not apply to scorefield {args.command} ({why}); "
+                                           "under torchrun its units are dealt to the ranks (--shard seeds, "
+                                           "the default)")
 
 
 def setup(args: argparse.Namespace) -> None:

@@ -1,10 +1,16 @@
 """`scorefield compare-processes`: standard diffusion vs matched noise vs matched noise + component-wise schedule
-(vs heat dissipation and blurring diffusion) on φ⁴ fields and MNIST, same network and budget (RG slides)."""
+(vs heat dissipation and blurring diffusion) on φ⁴ fields and MNIST, same network and budget (RG slides).
+
+Under `torchrun --nproc-per-node N` the (dataset, process, seed) units are dealt to the ranks and rank 0 writes
+one run directory; `--shard bank` is refused (a unit is a whole training)."""
 from __future__ import annotations
 
 import argparse
 
 from ._args import parse_key_values
+from ._distributed import add_shard_argument, refuse_bank, writer
+
+BANK = "a unit is a whole network training, not a patch-posterior machine"
 
 
 def _names(text: str) -> list[str]:
@@ -60,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--resume", default=None, metavar="RUN_DIR", help="finish an interrupted comparison")
     o.add_argument("--no-figures", action="store_true")
     o.add_argument("--no-progress", action="store_true")
+    add_shard_argument(p, bank=BANK)
     p.set_defaults(func=run)
 
 
@@ -78,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..experiments.process_comparison import compare_processes, format_table, summary_text
 
+    refuse_bank(args, BANK)
     if args.threads:
         torch.set_num_threads(args.threads)
     phi4 = {"size": 6, "mass2": -1.0, "coupling": 3.0, "z2_flip": True}
@@ -91,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         process_options=_process_options(args.process_opt), projections=args.projections, seed=args.seed,
         device=args.device, out=args.out, name=args.name, resume=args.resume, progress=not args.no_progress,
         figures=not args.no_figures, seeds=args.seeds)
+    if not writer():
+        return 0
     print(format_table(run_dir))
     print(summary_text(run_dir))
     print(f"run directory: {run_dir.path}")

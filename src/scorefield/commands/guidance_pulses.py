@@ -1,11 +1,18 @@
 """`scorefield guidance-pulses`: classifier-free guidance pulses at the critical noise level σ_c against pulses
-at random noise levels (criticality paper App. H), judged by two MNIST classifiers."""
+at random noise levels (criticality paper App. H), judged by two MNIST classifiers.
+
+Under `torchrun --nproc-per-node N` rank 0 trains the classifier and the network once, the calibration classes
+and the (class, condition) sample units are dealt to the ranks and rank 0 writes one run directory; `--shard bank`
+is refused (the ranks split whole units)."""
 from __future__ import annotations
 
 import argparse
 import json
 
 from ._args import parse_key_values
+from ._distributed import add_shard_argument, refuse_bank, writer
+
+BANK = "the ranks split whole (class, condition) units, and a pulse calls D_u on some samples only"
 
 
 def _ints(text: str | None) -> list[int] | None:
@@ -85,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     o.add_argument("--resume", default=None, metavar="RUN_DIR", help="finish an interrupted run directory")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     o.add_argument("--no-progress", action="store_true", help="no progress output")
+    add_shard_argument(p, bank=BANK)
     p.set_defaults(func=run)
 
 
@@ -115,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..experiments.guidance_pulses import PulseConfig, guidance_pulses
 
+    refuse_bank(args, BANK)
     if args.threads:
         torch.set_num_threads(args.threads)
     options = options_of(args)
@@ -123,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         options = {k: v for k, v in options.items() if v != defaults.get(k)}
     run_dir = guidance_pulses(out=args.out, name=args.name, resume=args.resume, progress=not args.no_progress,
                               **options)
+    if not writer():
+        return 0
     summary = run_dir.read_json("summary.json")
     print(run_dir.file("summary.md").read_text())
     print(json.dumps({k: summary[k] for k in ("classifiers", "sigma_c", "critical_window")}, indent=2))

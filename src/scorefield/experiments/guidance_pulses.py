@@ -67,6 +67,15 @@ Run directory (resumable: `resume=RUN` keeps every finished stage):
 The Karras grid is not uniform in ln σ (steps of 0.33 in ln σ at σ = 80, 1.1 at σ = 0.002 for 18 levels), so a
 window of fixed width in ln σ covers more grid levels at high σ than at low σ: `guided_calls` (per sample, per
 condition in conditions.csv and summary.json) says how much guidance each pulse actually delivered.
+
+Under `torchrun --nproc-per-node N` (the seed split; `--shard bank` does not apply) the stages every later one
+needs run once, on rank 0: the classifiers (only rank 0 analyses) and the conditional network, trained there and
+handed to every rank (pickled through `distributed.on_writer`). Then, per arm, the calibration's classes (the
+unguided trajectories and their ξ_eq) and the sampling's (class, condition) units, in the one-process order
+(classes, then conditions), are dealt in rounds of N (`distributed.run_units`: unit kN + r of round k to rank r);
+rank 0 gathers the ξ_eq rows, fits σ_c and saves <arm>/calibration.npz (every rank gets σ_c), and saves each
+class-Y-<condition>.npz as its round completes, so a relaunched job keeps every finished unit. Rank 0 writes
+every file; they equal those of one process (one thread per rank) but for the durations.
 """
 from __future__ import annotations
 
@@ -84,8 +93,8 @@ import numpy as np
 import torch
 
 from .. import data as sf_data
+from .. import distributed, tensorboard_log
 from .. import models as sf_models
-from .. import tensorboard_log
 from ..analysis import classifiers as clf
 from ..analysis import criticality as cr
 from ..options import closest
@@ -494,18 +503,21 @@ def _softening_setup(cfg: PulseConfig, arm: str, model: Any) -> tuple[Any, str, 
 def _calibrate(run: RunDir, cfg: PulseConfig, arm: str, model: Any, classes: list[int], shape: tuple[int, ...],
                progress: bool) -> CriticalScale:
     path = run.file(f"{arm}/calibration.npz")
-    if path.exists():
-        return CriticalScale.load(path)
+    saved = distributed.on_writer(lambda: CriticalScale.load(path) if path.exists() else None)
+    if saved is not None:
+        return saved
     grid, sigmas = sampler_grid(cfg.steps)
     if cfg.sigma_c is not None:                # given, not measured: no trajectories, no ξ_eq
         index = int(np.argmin(np.abs(np.log(sigmas) - math.log(cfg.sigma_c))))
         scale = CriticalScale(sigmas, np.zeros((0, len(sigmas))), np.zeros(0, dtype=np.int64),
                               np.full(len(sigmas), np.nan), float(cfg.sigma_c), index)
-        scale.save(path)
+        distributed.on_writer(lambda: scale.save(path))
         return scale
     soft_model, method, dtype = _softening_setup(cfg, arm, model)
-    xi_rows, label_rows = [], []
-    for y in classes:
+    xi_by_class: dict[int, np.ndarray] = {}
+
+    def measure(y: int) -> np.ndarray:
+        """ξ_eq [n_calibration, S] along the unguided trajectories of class y."""
         seeds = [cfg.seed + CLASS_SEED_STRIDE * y + CALIBRATION_SEED_OFFSET + j for j in range(cfg.n_calibration)]
         states: dict[int, tuple[Tensor, float]] = {}
 
@@ -522,13 +534,22 @@ def _calibrate(run: RunDir, cfg: PulseConfig, arm: str, model: Any, classes: lis
             x, ab = states[s]
             xi[:, s] = xi_eq_of_states(soft_model, x, ab, y, drift=cfg.drift, method=method, shells=cfg.shells,
                                        dtype=dtype)
-        xi_rows.append(xi)
-        label_rows += [y] * len(seeds)
+        return xi
+
+    def keep(y: int, xi: np.ndarray) -> None:
+        xi_by_class[y] = xi
         if progress:
             print(f"[{arm}] σ_c calibration: class {y} done", flush=True)
-    scale = critical_scale(sigmas, np.concatenate(xi_rows), np.array(label_rows))
-    scale.save(path)
-    return scale
+
+    def fit() -> CriticalScale:
+        labels = np.array([y for y in classes for _ in range(cfg.n_calibration)])
+        scale = critical_scale(sigmas, np.concatenate([xi_by_class[y] for y in classes]), labels)
+        scale.save(path)
+        return scale
+
+    # under torchrun the classes are dealt to the ranks; rank 0 fits σ_c from all of them and tells every rank
+    distributed.run_units(classes, measure, keep, what="calibration classes")
+    return distributed.on_writer(fit)
 
 
 def _windows(cfg: PulseConfig, condition: str, sigma_c: float, y: int, n: int, sigma_range: tuple[float, float]
@@ -546,12 +567,40 @@ def _windows(cfg: PulseConfig, condition: str, sigma_c: float, y: int, n: int, s
     return centers, lo, hi
 
 
-def _sample_condition(run: RunDir, cfg: PulseConfig, arm: str, model: Any, y: int, condition: str, n: int,
-                      sigma_c: float, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
-    path = run.file(f"{arm}/class-{y}-{condition}.npz")
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
+def _sample_conditions(run: RunDir, cfg: PulseConfig, arm: str, model: Any, classes: list[int], n: int,
+                       sigma_c: float, shape: tuple[int, ...], progress: bool
+                       ) -> dict[tuple[int, str], dict[str, np.ndarray]]:
+    """Every (class, condition) unit of an arm, in the order classes × CONDITIONS, on rank 0 ({} elsewhere): read
+    back from <arm>/class-Y-<condition>.npz where saved, else drawn (under torchrun dealt to the ranks) and
+    saved by rank 0 as soon as its round completes."""
+    units = [(y, condition) for y in classes for condition in CONDITIONS]
+    paths = {unit: run.file(f"{arm}/class-{unit[0]}-{unit[1]}.npz") for unit in units}
+    done = distributed.on_writer(lambda: [paths[unit].exists() for unit in units])
+    drawn: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+
+    def keep(unit: tuple[int, str], result: dict[str, np.ndarray]) -> None:
+        _save_npz(paths[unit], **result)
+        drawn[unit] = result
+        if progress and unit[1] == CONDITIONS[-1]:
+            print(f"[{arm}] class {unit[0]}: {n} samples per condition done", flush=True)
+
+    distributed.run_units([unit for unit, saved in zip(units, done, strict=True) if not saved],
+                          lambda unit: _draw_condition(cfg, model, *unit, n, sigma_c, shape), keep,
+                          what="(class, condition) units")
+    if not distributed.is_writer():
+        return {}
+    return {unit: drawn[unit] if unit in drawn else _load_npz(paths[unit]) for unit in units}
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _draw_condition(cfg: PulseConfig, model: Any, y: int, condition: str, n: int, sigma_c: float,
+                    shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """The `n` samples of class y under one condition (seeds cfg.seed + CLASS_SEED_STRIDE·y + i), with their
+    pulse windows, grid steps covered and guided calls; not saved."""
     grid, sigmas = sampler_grid(cfg.steps)
     sched = get_schedule(SCHEDULE)
     seeds = [cfg.seed + CLASS_SEED_STRIDE * y + i for i in range(n)]
@@ -571,7 +620,6 @@ def _sample_condition(run: RunDir, cfg: PulseConfig, arm: str, model: Any, y: in
     guided = denoiser.guided_calls if len(denoiser.guided_calls) else np.zeros(n, dtype=np.int64)
     result = {"samples": x.detach().cpu().float().numpy(), "seeds": np.array(seeds), "center": centers,
               "sigma_lo": lo, "sigma_hi": hi, "steps_covered": np.array(covered), "guided_calls": guided}
-    _save_npz(path, **result)
     return result
 
 
@@ -807,10 +855,10 @@ def guidance_pulses(config: PulseConfig | None = None, *, out: str | Path = "run
     Options are the fields of `PulseConfig` (also as keywords: `guidance_pulses(n=16, arms=["network"])`).
     resume: a run directory of this experiment; its saved options are used (options given must agree) and
     every finished stage is kept."""
-    base = config if config is not None or resume is None else _saved_config(resume)
+    base = config if config is not None or resume is None else distributed.on_writer(lambda: _saved_config(resume))
     cfg = _config_from(base, options)
     _check(cfg)
-    run = _open(cfg, out, name, resume)
+    run = distributed.shared_run(lambda: _open(cfg, out, name, resume))      # rank 0 holds it under torchrun
     try:
         return _run(run, cfg, progress)
     finally:
@@ -828,13 +876,16 @@ def _run(run: RunDir, cfg: PulseConfig, progress: bool) -> RunDir:
     shape = (data.channels, data.height, data.width)
     if shape != clf.IMAGE_SHAPE:
         raise PulseError(f"the classifiers judge MNIST-shaped images {clf.IMAGE_SHAPE}; the data is {shape}")
-    classifiers, accuracies = clock("classifiers", lambda: _classifiers(run, cfg, progress))
+    # only rank 0 analyses: the classifiers are trained and measured there alone
+    classifiers, accuracies = clock("classifiers", lambda: _writer_stage(lambda: _classifiers(run, cfg, progress),
+                                                                         ({}, {})))
     scales: dict[str, CriticalScale] = {}
     results: dict[str, dict[tuple[int, str], dict[str, np.ndarray]]] = {}
     sources: dict[str, str] = {}
     for arm in cfg.arms:
         if arm == "network":
-            model, sources[arm] = clock("network_training", lambda: _network(run, cfg, data, progress))
+            model, sources[arm] = clock("network_training",     # trained once, on rank 0, handed to every rank
+                                        lambda: distributed.on_writer(lambda: _network(run, cfg, data, progress)))
             n = cfg.n
         else:
             bank = _balanced_bank(data, cfg.bank_per_class, classes)
@@ -843,14 +894,27 @@ def _run(run: RunDir, cfg: PulseConfig, progress: bool) -> RunDir:
             n = cfg.machine_n or cfg.n
         scales[arm] = clock(f"{arm}_calibration",
                             lambda arm=arm, model=model: _calibrate(run, cfg, arm, model, classes, shape, progress))
-        results[arm] = {}
-        for y in classes:
-            for condition in CONDITIONS:
-                results[arm][(y, condition)] = clock(
-                    f"{arm}_sampling", lambda y=y, condition=condition, arm=arm, model=model, n=n: _sample_condition(
-                        run, cfg, arm, model, y, condition, n, scales[arm].sigma_c, shape))
-            if progress:
-                print(f"[{arm}] class {y}: {n} samples per condition done", flush=True)
+        results[arm] = clock(f"{arm}_sampling", lambda arm=arm, model=model, n=n: _sample_conditions(
+            run, cfg, arm, model, classes, n, scales[arm].sigma_c, shape, progress))
+    with distributed.writer_only() as writing:
+        if writing:
+            _report(run, cfg, clock, classifiers, accuracies, scales, results, sources, classes)
+    return run
+
+
+def _writer_stage(fn: Callable[[], Any], elsewhere: Any) -> Any:
+    """fn() on rank 0 (every rank in one process), `elsewhere` on the other ranks; an error raised there is
+    raised on every rank."""
+    box: list[Any] = []
+    distributed.on_writer(lambda: box.append(fn()))
+    return box[0] if box else elsewhere
+
+
+def _report(run: RunDir, cfg: PulseConfig, clock: _Clock, classifiers: dict[str, torch.nn.Module],
+            accuracies: dict[str, Any], scales: dict[str, CriticalScale],
+            results: dict[str, dict[tuple[int, str], dict[str, np.ndarray]]], sources: dict[str, str],
+            classes: list[int]) -> None:
+    """Rank 0: class alignment, the tables, figures and summary.json from every arm's σ_c and samples."""
     class_rows, summary_rows, scores = clock("analysis", lambda: _analyse(run, cfg, results, classifiers, classes))
     _, sigmas = sampler_grid(cfg.steps)
     by_sigma = _susceptibility(run, cfg, results, scores, classes, (float(sigmas.min()), float(sigmas.max())))
@@ -877,7 +941,6 @@ def _run(run: RunDir, cfg: PulseConfig, progress: bool) -> RunDir:
                "time": clock.stages}
     tensorboard_log.log_summary(run, summary)
     run.write_json("summary.json", summary, replace=True)
-    return run
 
 
 __all__ = ["ARMS", "CONDITIONS", "CONTRASTS", "CriticalScale", "PulseConfig", "PulseError", "PulsedDenoiser",

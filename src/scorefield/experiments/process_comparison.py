@@ -31,6 +31,14 @@ The run directory holds config.json, train/<dataset>-<process>/ (each a training
 table comparison.csv / .md (with N seeds: mean and <metric>_se columns, the Markdown as mean ± s.e., and the
 units of seeds after the first under <dataset>-<process>-seed<s>), and figures (from the first seed):
 <dataset>-spectra.png, <dataset>-samples.png and for φ⁴ phi4-observables.png (M and S histograms, G(r)).
+
+Under `torchrun --nproc-per-node N` the (dataset, process, seed) units still to do are listed in the one-process
+order (datasets, then seeds, then processes) and dealt in rounds of N (`distributed.run_units`: unit kN + r of
+round k to rank r). A rank trains its unit into train/<unit>/ itself (so the run directory must be on a file
+system every rank sees: one node, or a shared file system) and rank 0 writes every unit's results/<unit>.json /
+.npz as its round completes, then the tables and figures; the files equal those of one process (one thread per
+rank) but for durations. A relaunched job resumes from the saved results. The bank split (`--shard bank`) does
+not apply: a unit is a whole training.
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
 from ..runs import RunDir, atomic_write_bytes, markdown_table
 
 Tensor = torch.Tensor
@@ -240,6 +249,9 @@ def compare_processes(datasets: Sequence[str] = ("phi4", "mnist"), processes: Se
     {'matched-rg': {'spread': 12}}; resume: an interrupted comparison's run directory (finished units are kept;
     datasets, processes and seeds may change); seeds: how many seeds (seed, seed + 1, …) each process is trained
     and sampled with (the table then gives mean ± standard error).
+
+    Under torchrun (after `scorefield.distributed.init()`; the CLI joins by itself) every rank calls this with the
+    same options: the units are dealt to the ranks and rank 0 writes the run directory (module docstring).
     """
     datasets, processes = list(datasets), list(processes)
     for d in datasets:
@@ -261,6 +273,22 @@ def compare_processes(datasets: Sequence[str] = ("phi4", "mnist"), processes: Se
               "n_samples": n_samples, "sample_steps": sample_steps, "sampler": sampler,
               "phi4_options": phi4_options, "mnist_subset": mnist_subset,
               "process_options": dict(process_options or {}), "projections": projections, "seed": seed}
+    run = distributed.shared_run(lambda: _open(resume, config, out, name, seed, device))
+    try:
+        pairs: dict[str, tuple] = {}                   # dataset -> load_pair(...), loaded once per rank
+        # under torchrun the units are dealt to the ranks; rank 0 then writes the tables and figures alone
+        _compute_units(run, datasets, processes, config, device, progress, seeds, pairs)
+        with distributed.writer_only() as writing:
+            if writing:
+                _write_tables(run, datasets, processes, config, device, progress, figures, seeds, pairs)
+        return run
+    finally:
+        run.release()
+
+
+def _open(resume: str | Path | None, config: dict[str, Any], out: str | Path, name: str | None, seed: int,
+          device: str | None) -> RunDir:
+    """The comparison's run directory, created or (resume) reopened after checking its options; locked."""
     if resume is not None:
         run = RunDir.open(resume)
         saved = {k: v for k, v in run.config.items() if k != "kind"}
@@ -272,32 +300,74 @@ def compare_processes(datasets: Sequence[str] = ("phi4", "mnist"), processes: Se
                                   "processes and seeds may change")
     else:
         run = RunDir.create("compare-processes", config, root=out, name=name, seed=seed, device=device)
-    run.lock()
-    try:
-        rows: list[dict[str, Any]] = []
-        for dataset in datasets:
-            rows += _compare_on(run, dataset, processes, config, device, progress, figures, seeds)
-        columns = ["dataset", "process", "basis", "schedule", "colour", "free_theory", "final_loss", "ps_error",
-                   "swd", "w1_M", "w1_absM", "w1_S", "G_error", "train_seconds", "sample_seconds"]
-        columns = [c for c in columns if any(r.get(c, "") != "" for r in rows)]    # φ⁴ columns only with φ⁴
-        if seeds == 1:
-            rows = [{c: r.get(c, "") for c in columns} for r in rows]
-            run.save_table("comparison", rows, replace=True, title=_title(config))
-            run.write_json("summary.json", {"rows": rows, "knobs": knob_effects(rows)}, replace=True)
-            return run
-        seed_rows = [{c: r.get(c, "") for c in ["seed", *columns]} for r in rows]
-        run.save_table("comparison-seeds", seed_rows, replace=True, title=_title(config) + ", one row per seed")
-        table = seed_means(seed_rows, columns)
-        run.save_table("comparison", table, replace=True, title=_title(config))
-        atomic_write_bytes(run.file("comparison.md"), markdown_table(
-            [_plus_minus(r) for r in table],
-            title=f"{_title(config)}; mean ± standard error over {seeds} seeds").encode())
-        knobs, knobs_se = seeded_knob_effects(seed_rows)
-        run.write_json("summary.json", {"rows": table, "seed_rows": seed_rows, "knobs": knobs,
-                                        "knobs_se": knobs_se, "seeds": seeds}, replace=True)
-        return run
-    finally:
-        run.release()
+    return run.lock()
+
+
+def _write_tables(run: RunDir, datasets: list[str], processes: list[str], config: dict[str, Any],
+                  device: str | None, progress: bool, figures: bool, seeds: int, pairs: dict[str, tuple]) -> None:
+    """The reference rows, per-dataset samples and figures, comparison.csv/.md and summary.json, from the saved
+    results of every unit."""
+    rows: list[dict[str, Any]] = []
+    for dataset in datasets:
+        rows += _compare_on(run, dataset, processes, config, device, progress, figures, seeds, pairs)
+    columns = ["dataset", "process", "basis", "schedule", "colour", "free_theory", "final_loss", "ps_error",
+               "swd", "w1_M", "w1_absM", "w1_S", "G_error", "train_seconds", "sample_seconds"]
+    columns = [c for c in columns if any(r.get(c, "") != "" for r in rows)]    # φ⁴ columns only with φ⁴
+    if seeds == 1:
+        rows = [{c: r.get(c, "") for c in columns} for r in rows]
+        run.save_table("comparison", rows, replace=True, title=_title(config))
+        run.write_json("summary.json", {"rows": rows, "knobs": knob_effects(rows)}, replace=True)
+        return
+    seed_rows = [{c: r.get(c, "") for c in ["seed", *columns]} for r in rows]
+    run.save_table("comparison-seeds", seed_rows, replace=True, title=_title(config) + ", one row per seed")
+    table = seed_means(seed_rows, columns)
+    run.save_table("comparison", table, replace=True, title=_title(config))
+    atomic_write_bytes(run.file("comparison.md"), markdown_table(
+        [_plus_minus(r) for r in table],
+        title=f"{_title(config)}; mean ± standard error over {seeds} seeds").encode())
+    knobs, knobs_se = seeded_knob_effects(seed_rows)
+    run.write_json("summary.json", {"rows": table, "seed_rows": seed_rows, "knobs": knobs,
+                                    "knobs_se": knobs_se, "seeds": seeds}, replace=True)
+
+
+def _unit_name(dataset: str, label: str, seed: int, base: int) -> str:
+    """results/<name>.json/.npz and train/<name>/ of one (dataset, process, seed) unit."""
+    return f"{dataset}-{label}" if seed == base else f"{dataset}-{label}-seed{seed}"
+
+
+def _pair(pairs: dict[str, tuple], dataset: str, config: dict[str, Any]) -> tuple:
+    """`load_pair` of a dataset under the comparison's options, loaded once."""
+    if dataset not in pairs:
+        pairs[dataset] = load_pair(dataset, config["n_train"], config["n_test"], config["seed"],
+                                   config["phi4_options"], config["mnist_subset"])
+    return pairs[dataset]
+
+
+def _compute_units(run: RunDir, datasets: list[str], processes: list[str], config: dict[str, Any],
+                   device: str | None, progress: bool, seeds: int, pairs: dict[str, tuple]) -> None:
+    """Train, sample and measure every (dataset, process, seed) unit without saved results, in the one-process
+    order; under torchrun dealt to the ranks in rounds (`distributed.run_units`), rank 0 saving each unit's
+    results as its round completes (a relaunched job keeps them)."""
+    base = config["seed"]
+    units = [(dataset, label, seed) for dataset in datasets for seed in range(base, base + seeds)
+             for label in processes]
+    names = [_unit_name(dataset, label, seed, base) for dataset, label, seed in units]
+    done = distributed.on_writer(lambda: [run.exists(f"results/{n}.json") and run.exists(f"results/{n}.npz")
+                                          for n in names])
+    pending = [k for k in range(len(units)) if not done[k]]
+
+    def compute(k: int) -> tuple[dict[str, Any], Tensor]:
+        dataset, label, seed = units[k]
+        data, held_out, phi4_params, data_spec = _pair(pairs, dataset, config)
+        return _train_and_measure(run, names[k], dataset, label, data, data_spec, held_out, phi4_params, config,
+                                  seed, device, progress)
+
+    def save(k: int, result: tuple[dict[str, Any], Tensor]) -> None:
+        row, x = result
+        run.save_arrays(f"results/{names[k]}", replace=True, samples=x)
+        run.write_json(f"results/{names[k]}.json", row, replace=True)
+
+    distributed.run_units(pending, compute, save, what="(dataset, process, seed) units")
 
 
 def _title(config: dict[str, Any]) -> str:
@@ -308,12 +378,12 @@ def _title(config: dict[str, Any]) -> str:
 
 
 def _compare_on(run: RunDir, dataset: str, processes: list[str], config: dict[str, Any], device: str | None,
-                progress: bool, figures: bool, seeds: int = 1) -> list[dict[str, Any]]:
+                progress: bool, figures: bool, seeds: int = 1, pairs: dict[str, tuple] | None = None
+                ) -> list[dict[str, Any]]:
     """The rows of one dataset, every process under every seed (one row per (process, seed), "seed" recorded);
     figures and <dataset>-samples.npz from the first seed."""
     base = config["seed"]
-    data, held_out, phi4_params, data_spec = load_pair(dataset, config["n_train"], config["n_test"], base,
-                                                       config["phi4_options"], config["mnist_subset"])
+    data, held_out, phi4_params, data_spec = _pair({} if pairs is None else pairs, dataset, config)
     rows: list[dict[str, Any]] = []
     first: dict[str, Tensor] = {}
     for seed in range(base, base + seeds):
@@ -327,7 +397,7 @@ def _compare_on(run: RunDir, dataset: str, processes: list[str], config: dict[st
             rows.append({"dataset": dataset, "process": label, "seed": seed, **sample_metrics(
                 x, held_out, dataset, phi4_params, config["projections"], base)})
         for label in processes:
-            unit = f"{dataset}-{label}" if seed == base else f"{dataset}-{label}-seed{seed}"
+            unit = _unit_name(dataset, label, seed, base)
             row, samples[label] = _unit(run, unit, dataset, label, data, data_spec, held_out, phi4_params, config,
                                         seed, device, progress)
             rows.append({**row, "seed": seed})
@@ -345,13 +415,25 @@ def _unit(run: RunDir, unit: str, dataset: str, label: str, data: Any, data_spec
           progress: bool) -> tuple[dict[str, Any], Tensor]:
     """(row, samples) of one process under one seed: read back when results/<unit>.json/.npz exist (resume),
     else trained into train/<unit>, sampled and measured against the held-out images."""
+    result_name = f"results/{unit}.json"
+    if run.exists(result_name) and run.exists(f"results/{unit}.npz"):
+        return run.read_json(result_name), torch.as_tensor(run.load_arrays(f"results/{unit}")["samples"])
+    row, x = _train_and_measure(run, unit, dataset, label, data, data_spec, held_out, phi4_params, config, seed,
+                                device, progress)
+    run.save_arrays(f"results/{unit}", replace=True, samples=x)
+    run.write_json(result_name, row, replace=True)
+    return row, x
+
+
+def _train_and_measure(run: RunDir, unit: str, dataset: str, label: str, data: Any, data_spec: dict[str, Any],
+                       held_out: Tensor, phi4_params: dict[str, Any] | None, config: dict[str, Any], seed: int,
+                       device: str | None, progress: bool) -> tuple[dict[str, Any], Tensor]:
+    """(row, samples [n_samples, C, H, W]) of one unit, trained into train/<unit> (by the rank that computes it)
+    and not saved: the caller (rank 0) writes results/<unit>.json/.npz."""
     import scorefield as sf
 
     n_samples = config["n_samples"]
-    result_name = f"results/{unit}.json"
     proc = _process(label, data, config["process_options"])
-    if run.exists(result_name) and run.exists(f"results/{unit}.npz"):
-        return run.read_json(result_name), torch.as_tensor(run.load_arrays(f"results/{unit}")["samples"])
     padding = "circular" if dataset in ("phi4", "grf") else "zeros"
     torch.manual_seed(seed)
     model = sf.models.make(config["arch"], data, preset=config["preset"], padding=padding,
@@ -379,8 +461,6 @@ def _unit(run: RunDir, unit: str, dataset: str, label: str, data: Any, data_spec
            "final_loss": result.final_loss, "non_finite_samples": int((~finite).sum()),
            **sample_metrics(x, held_out, dataset, phi4_params, config["projections"], config["seed"]),
            "train_seconds": round(train_seconds, 1), "sample_seconds": round(sample_seconds, 1)}
-    run.save_arrays(f"results/{unit}", replace=True, samples=x)
-    run.write_json(result_name, row, replace=True)
     return row, x
 
 
