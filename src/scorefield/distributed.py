@@ -35,6 +35,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -57,6 +58,11 @@ R = TypeVar("R")
 SHARDS = ("seeds", "bank")              # what `--shard` splits over the ranks
 SPLITS = ("contiguous", "strided")      # how a list of seeds is dealt to the ranks
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE")
+# How long a rank waits in a collective (torch's default: 30 min). Under the seed split a rank waits for the
+# others' units, which can be whole network trainings (compare-processes, guidance-pulses); a rank that dies
+# stops the job through torchrun anyway. Seconds, from the environment variable TIMEOUT_VARIABLE if set.
+TIMEOUT_VARIABLE = "SCOREFIELD_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 6 * 3600
 
 
 class DistributedError(ValueError):
@@ -81,9 +87,21 @@ def init(backend: str | None = None) -> bool:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        tdist.init_process_group(backend)
+        tdist.init_process_group(backend, timeout=collective_timeout())
         atexit.register(shutdown)
     return active()
+
+
+def collective_timeout() -> timedelta:
+    """The process group's timeout: $SCOREFIELD_DIST_TIMEOUT seconds, else DEFAULT_TIMEOUT_S."""
+    text = os.environ.get(TIMEOUT_VARIABLE, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= 1e9:                   # finite; timedelta overflows near 1e14 s
+        raise DistributedError(f"{TIMEOUT_VARIABLE} must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
 
 
 def shutdown() -> None:
