@@ -110,12 +110,26 @@ def test_sigma_flow_softening_is_the_rayleigh_quotient_of_the_edm_drift():
 
 
 def test_xi_eq_of_states_by_jvp_and_finite_difference_agree(one_thread):
+    """The Rayleigh quotients agree to the forward difference's first-order error (ε = 5e-5: ≈ 2e-4 measured);
+    the ξ_eq fit of log ratios amplifies that to ≈ 1e-3, and is undefined (NaN) for some random networks, so
+    the network is seeded to one whose ξ_eq exists at every state."""
     data = sf.data.load("digits")
+    torch.manual_seed(5)
     net = sf.models.make("unet", data, preset="tiny", conditional=True).double().eval()
     x = sf.sampling.initial_noise(2, (1, 8, 8), seed=0).double() * 0.6
+
+    def denoise(z, ab):
+        return net(z, ab, torch.full((z.shape[0],), 3))
+
+    soft = {m: cr.mode_softening(denoise, x, 0.4, schedule=gp.SOFTENING_SCHEDULE, shells=3, method=m,
+                                 drift="probability_flow") for m in ("jvp", "finite_difference")}
+    for name in ("lambdas_i", "lambdas_j"):
+        torch.testing.assert_close(getattr(soft["finite_difference"], name), getattr(soft["jvp"], name),
+                                   rtol=1e-3, atol=1e-6)
     jvp = gp.xi_eq_of_states(net, x, 0.4, 3, method="jvp", dtype=torch.float64)
     fd = gp.xi_eq_of_states(net, x, 0.4, 3, method="finite_difference", dtype=torch.float64)
-    np.testing.assert_allclose(jvp, fd, rtol=1e-4, atol=1e-6)
+    assert np.isfinite(jvp).all()
+    np.testing.assert_allclose(fd, jvp, rtol=1e-2)
 
 
 def test_critical_scale_is_the_argmax_of_the_median_with_no_softening_as_zero():
