@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,6 +68,18 @@ def test_resume_after_interruption_equals_uninterrupted_training(tmp_path, ema):
     # the metrics of the redone steps are not duplicated
     steps = [m["step"] for m in resumed.run.read_metrics()]
     assert steps == sorted(set(steps)) and steps[-1] == 10
+
+
+def test_a_start_killed_before_its_first_checkpoint_restarts_without_duplicate_metrics(tmp_path):
+    data = small_set()
+    options = dict(steps=3, batch_size=5, lr=1e-2, checkpoint_every=100, progress=False, seed=1)
+    straight = train(tiny(data=data), data, run_dir=tmp_path / "a", **options)
+    killed = tmp_path / "b"
+    train(tiny(data=data), data, run_dir=killed, **options)
+    (killed / "checkpoint.json").unlink()               # as if killed between the last metric line and the checkpoint
+    again = train(tiny(data=data), data, run_dir=killed, **options)
+    assert [m["step"] for m in again.run.read_metrics()] == [m["step"] for m in straight.run.read_metrics()]
+    np.testing.assert_array_equal(np.load(killed / "loss.npz")["step"], np.load(tmp_path / "a" / "loss.npz")["step"])
 
 
 def test_extending_a_finished_run_continues_its_schedule(tmp_path):

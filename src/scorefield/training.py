@@ -331,6 +331,8 @@ def _train_loop(model: NetDenoiser, data: ImageSet, run: RunDir, config: TrainCo
             ema.state = {k: v.to(dev) for k, v in checkpoint.group("ema").items()}
         step, window = checkpoint.step, list(checkpoint.meta.get("loss_window", [0.0, 0]))
         _truncate_metrics(run, step)
+    elif run.exists("metrics.jsonl"):
+        _truncate_metrics(run, 0)      # a start killed before its first checkpoint: it starts again from step 0
 
     def meta() -> dict[str, Any]:
         return {"model": model.config, "training": asdict(config), "data": spec, "loss_window": window,
