@@ -86,7 +86,10 @@ def _start(argv: list[str], slow_figures: bool = False, slow_units: bool = True)
     """The command in its own process; slow_figures: each figure waits a second first, so that a kill sent when
     the first final file appears lands while the final outputs are being written, however busy the machine;
     slow_units: likewise a pause after each saved array file (a unit), so the run is still at that unit."""
-    code = "import sys\nfrom scorefield.cli import main\n"
+    # Ctrl-C must reach the child as Python's KeyboardInterrupt even when pytest itself was started with SIGINT
+    # ignored (a shell without job control starts `cmd &` that way, and the child would inherit it)
+    code = ("import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "from scorefield.cli import main\n")
     if argv[0] in PLACEHOLDER_FIGURES:
         code += PLACEHOLDER + "from scorefield.runs import RunDir\nRunDir.save_figure = placeholder_figure\n"
     if slow_figures:
