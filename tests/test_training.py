@@ -82,6 +82,19 @@ def test_a_start_killed_before_its_first_checkpoint_restarts_without_duplicate_m
     np.testing.assert_array_equal(np.load(killed / "loss.npz")["step"], np.load(tmp_path / "a" / "loss.npz")["step"])
 
 
+def test_a_folder_left_by_a_start_killed_before_its_config_is_reused_not_sidestepped(tmp_path):
+    data = small_set()
+    left = tmp_path / "unit"
+    left.mkdir()
+    (left / ".config.json.tmp-12345").write_text("{")          # killed inside RunDir.create
+    train(tiny(data=data), data, run_dir=left, steps=2, batch_size=5, progress=False)
+    assert (left / "model.safetensors").is_file() and not (tmp_path / "unit-1").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("a user's file")
+    train(tiny(data=data), data, run_dir=tmp_path / "kept", steps=2, batch_size=5, progress=False)
+    assert (tmp_path / "kept" / "notes.txt").is_file() and (tmp_path / "kept-1" / "model.safetensors").is_file()
+
+
 def test_extending_a_finished_run_continues_its_schedule(tmp_path):
     data = small_set()
     options = dict(batch_size=5, lr=1e-2, checkpoint_every=4, progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,8 +203,16 @@ def _open_or_create_run(run_dir: str | Path | RunDir | None, out: str | Path, na
         return RunDir.open(run_dir)
     if run_dir is not None:
         path = Path(run_dir)
+        _clear_unfinished_creation(path)
         return RunDir.create("train", config, root=path.parent, name=path.name, seed=seed, device=str(device))
     return RunDir.create("train", config, root=out, name=name, seed=seed, device=str(device))
+
+
+def _clear_unfinished_creation(path: Path) -> None:
+    """Remove a folder that a process killed inside `RunDir.create` left before its config.json (nothing in it
+    but hidden temporaries), so the run is created again under its own name rather than beside it as NAME-1."""
+    if path.is_dir() and all(p.name.startswith(".") for p in path.rglob("*") if p.is_file()):
+        shutil.rmtree(path)
 
 
 def _check_resume(saved: dict[str, Any], config: TrainConfig, model: NetDenoiser) -> None:
