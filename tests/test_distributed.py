@@ -64,6 +64,19 @@ def _finish(proc: subprocess.Popen) -> str:
 
 # ---- without a process group ---------------------------------------------------------------------------------
 
+def _kill_rank_when(proc: subprocess.Popen, ready: Path, run: Path, rank: int = 1) -> None:
+    """kill -9 one rank of a torchrun job once `ready` exists; the job must then fail before finishing `run`."""
+    deadline = time.monotonic() + 240
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before {ready.name} appeared"
+        time.sleep(0.01)
+    pid = _rank_pid(proc.pid, rank)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not (run / "summary.json").exists()
+
+
 def test_split_positions_contiguous_strided_and_refusals():
     assert [distributed.split_positions(7, "contiguous", r, 3) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
     assert [distributed.split_positions(7, "strided", r, 3) for r in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
@@ -160,16 +173,7 @@ def test_sample_seed_split_killed_rank_resumes_to_the_one_process_files(tmp_path
     bitwise those of one process."""
     run = tmp_path / "killed"
     argv = [*SAMPLE, "--n", "6", "--batch-size", "1", "--out", str(tmp_path)]
-    proc = _torchrun([*argv, "--name", "killed"])
-    deadline = time.monotonic() + 240
-    while not (run / "batches" / "batch-0001.npz").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before any batch was written"
-        time.sleep(0.02)
-    pid = _rank_pid(proc.pid, 1)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not (run / "summary.json").exists()
+    _kill_rank_when(_torchrun([*argv, "--name", "killed"]), run / "batches" / "batch-0001.npz", run)
     kept = {p.name: p.stat().st_mtime_ns for p in (run / "batches").iterdir()}
     assert 2 <= len(kept) < 6
     out = _finish(_torchrun(["sample", "--resume", str(run), "--no-progress"]))

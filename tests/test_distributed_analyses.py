@@ -7,9 +7,6 @@ after a finished round must leave a run that the relaunched job completes to the
 units as they are. `--shard bank` is refused by both with one line naming it."""
 from __future__ import annotations
 
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ import torch.distributed as tdist
 from scorefield import distributed
 from scorefield.cli import main
 from scorefield.commands._distributed import SPLIT_COMMANDS
-from test_distributed import _finish, _one_process, _rank_pid, _torchrun
+from test_distributed import _finish, _kill_rank_when, _one_process, _torchrun
 from test_kill_resume_analyses import assert_same_outputs
 
 pytestmark = pytest.mark.skipif(not tdist.is_available(), reason="this torch build has no torch.distributed")
@@ -74,16 +71,8 @@ def test_compare_processes_killed_rank_resumes_to_the_one_process_files(compare_
     """Rank 1 killed (-9) once the first round's two units are saved: the relaunched job keeps the saved results
     as they are, computes the rest and ends with the one-process files."""
     run, results = tmp_path / "killed", tmp_path / "killed" / "results"
-    proc = _torchrun([*COMPARE, "--out", str(tmp_path), "--name", "killed"])
-    deadline = time.monotonic() + 240
-    while not (results / "grf-matched.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before a round was saved"
-        time.sleep(0.01)
-    pid = _rank_pid(proc.pid, 1)
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0 and not (run / "summary.json").exists()
+    _kill_rank_when(_torchrun([*COMPARE, "--out", str(tmp_path), "--name", "killed"]), results / "grf-matched.json",
+                    run)
     kept = {p.name: p.stat().st_mtime_ns for p in results.iterdir()}
     assert 4 <= len(kept) < 12                                               # .json + .npz per saved unit
     out = _finish(_torchrun([COMPARE[0], "--resume", str(run), "--no-progress"]))
