@@ -178,6 +178,7 @@ def test_cli_calibrate_and_predict_run_end_to_end(tmp_path, capsys):
     assert main(["predict", *common, "--seeds", "2", "--cal-seeds", "2", "--sizes", "3,5,7", "--name", "q",
                  "--theories", "is,bbels"]) == 0
     assert (tmp_path / "q-calibration" / "schedule.png").is_file() and (tmp_path / "q" / "grid-00.png").is_file()
+    assert RunDir.open(tmp_path / "q-calibration").config["seeds"] == [100_000, 100_001]     # held out
     assert main(["predict", "--model", "ls", "--data", "digits", "--pretrained", "x"]) == 2
 
 
@@ -212,6 +213,26 @@ def test_bad_calibration_input_is_refused_before_a_run_directory_exists(digits, 
         sf.experiments.calibrate(known_network, digits, patch_sizes=[3], seeds=range(2), labels=[1, 2, 3],
                                  steps=3, out=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_seeds_are_kept_out_of_the_predicted_seeds(digits, known_network, tmp_path, capsys):
+    cal = sf.experiments.calibrate(known_network, digits, patch_sizes=[3, 5, 7], seeds=[1, 5], steps=6,
+                                   out=tmp_path, progress=False)
+    assert cal.seeds == [1, 5] and sf.experiments.Calibration.load(cal.run_dir).seeds == [1, 5]
+    with pytest.warns(UserWarning, match="calibrated on 1 of the predicted seeds"):
+        sf.experiments.predict(known_network, digits, theories=["is"], schedule_from=cal.run_dir, seeds=range(3),
+                               steps=6, out=tmp_path, progress=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sf.experiments.predict(known_network, digits, theories=["is"], schedule_from=cal, seeds=[0, 2, 3],
+                               steps=6, out=tmp_path, progress=False)
+    common = ["--model", "ls", "--patch", "5", "--data", "digits", "--subset", "60", "--steps", "4", "--seeds", "3",
+              "--theories", "is,ls", "--out", str(tmp_path), "--no-progress"]
+    before = set(tmp_path.iterdir())
+    assert main(["predict", *common, "--cal-seed-start", "2"]) == 2
+    assert "--cal-seed-start 2 would calibrate on predicted seeds (0..2)" in capsys.readouterr().err
+    assert set(tmp_path.iterdir()) == before                  # refused before any run directory
 
 
 def test_the_network_can_take_its_own_step_count_from_the_same_noise(digits, tmp_path, capsys):

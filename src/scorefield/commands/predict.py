@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..experiments.calibration import CAL_SEED_START
 from ._args import parse_key_values
 from ._distributed import add_shard_argument, writer
 from ._network import add_network_arguments, add_sampling_arguments, labels_of, load_network, parse_sizes
@@ -30,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--patch-sizes", default=None, help="a patch-size schedule, lowest noise first, e.g. the "
                    "paper's 3,3,5,5,5,7,7,7,9,9,11,11,11,11,13,15,15,15,15,15")
     g.add_argument("--cal-seeds", type=int, default=4, help="calibration seeds when calibrating (default 4)")
+    g.add_argument("--cal-seed-start", type=int, default=CAL_SEED_START, help="first calibration seed "
+                   f"(default {CAL_SEED_START:,}): the calibration runs on held-out seeds S..S+N-1, never on "
+                   "the predicted ones")
     g.add_argument("--sizes", default="3:15", help="candidate sizes when calibrating (default 3:15)")
     add_sampling_arguments(p)
     p.add_argument("--network-steps", type=int, default=None, help="sampler steps of the network alone "
@@ -59,6 +63,12 @@ def check_before_work(args: argparse.Namespace, theories: list[str] | None) -> N
 
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
+    if args.cal_seeds < 1 or args.cal_seed_start < 0:
+        raise ValueError(f"--cal-seeds must be at least 1 and --cal-seed-start at least 0, got {args.cal_seeds} "
+                         f"and {args.cal_seed_start}")
+    if args.cal_seed_start < args.seeds:
+        raise ValueError(f"--cal-seed-start {args.cal_seed_start} would calibrate on predicted seeds "
+                         f"(0..{args.seeds - 1}); it must be at least --seeds ({args.seeds})")
     if args.network_steps is not None and args.network_steps < 1:
         raise ValueError(f"--network-steps must be at least 1, got {args.network_steps}")
     for name in theories or []:
@@ -89,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.patch_sizes is not None:
         schedule_from = parse_sizes(args.patch_sizes)
     elif schedule_from is None and args.resume is None and needs_schedule:
-        cal = calibrate(network, data, patch_sizes=parse_sizes(args.sizes), seeds=range(args.cal_seeds),
+        cal_seeds = range(args.cal_seed_start, args.cal_seed_start + args.cal_seeds)
+        cal = calibrate(network, data, patch_sizes=parse_sizes(args.sizes), seeds=cal_seeds,
                         steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=None,
                         clip_x0=not args.no_clip, out=args.out, name=None if args.name is None else
                         f"{args.name}-calibration", progress=not args.no_progress, network_spec=net_spec,

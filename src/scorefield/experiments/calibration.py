@@ -40,6 +40,7 @@ from .networks import denoiser_padding, describe_denoiser, matched_conditioning,
 
 PATCH_MACHINES = ("ls", "els", "bbels")
 TIE_TOLERANCE = 1e-7      # candidate cosines closer than this (for one sample) do not pick a size
+CAL_SEED_START = 100_000  # default calibration seeds start here, away from the predicted seeds 0..N-1
 
 
 @dataclass
@@ -57,6 +58,7 @@ class Calibration:
     undetermined: list[int] = field(default_factory=list)
     machine_options: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    seeds: list[int] = field(default_factory=list)   # the calibration seeds (keep them out of a prediction's)
 
     @property
     def patch_sizes(self) -> list[int]:
@@ -97,7 +99,8 @@ class Calibration:
                    times=z["times"].tolist(), alpha_bars=z["alpha_bars"].tolist(),
                    chosen=[int(v) for v in z["chosen"]], cosine=z["cosine"], best=z["best"],
                    undetermined=[int(v) for v in z["undetermined"]],
-                   machine_options=cfg.get("machine_options", {}), run_dir=run.path)
+                   machine_options=cfg.get("machine_options", {}), run_dir=run.path,
+                   seeds=[int(v) for v in cfg.get("seeds", [])])
 
 
 def _check_sizes(patch_sizes: Sequence[int]) -> list[int]:
@@ -134,7 +137,8 @@ def choose_sizes(cosine: np.ndarray, sizes: Sequence[int]) -> tuple[np.ndarray, 
 
 
 def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
-              patch_sizes: Sequence[int] = range(3, 29, 2), seeds: Sequence[int] = range(32), steps: int = 20,
+              patch_sizes: Sequence[int] = range(3, 29, 2),
+              seeds: Sequence[int] = range(CAL_SEED_START, CAL_SEED_START + 32), steps: int = 20,
               schedule: str = "cosine", sampler: str = "ddim", padding: str | None = None,
               labels: Sequence[int] | None = None, clip_x0: bool = True,
               machine_options: dict[str, Any] | None = None, out: str | Path = "runs", name: str | None = None,
@@ -144,7 +148,9 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
     """Calibrate `machine` ('bbels' for zero padding, 'els' for circular by default; or 'ls') against
     `network` on the bank `data`; writes a run directory and returns the `Calibration`.
 
-    seeds: calibration seeds (one trajectory each); steps/schedule/sampler: the network's sampler; clip_x0:
+    seeds: calibration seeds (one trajectory each; by default 100,000… so that a prediction of seeds 0..N-1
+    does not predict the trajectories it was calibrated on; `predict` warns when they overlap);
+    steps/schedule/sampler: the network's sampler; clip_x0:
     clip x̂₀ to [−1, 1] in the sampler (see `sf.sampling.clipped`); padding: the machine's (default the
     network's); resume: an interrupted calibration run directory (finished steps are kept); shard: under
     torchrun, 'seeds' (each rank runs a contiguous share of the seeds, rank 0 gathers every step) or 'bank'
@@ -266,7 +272,8 @@ def _finish(run: RunDir, config: dict[str, Any], record: _StepRecorder, seconds:
     best, chosen, undetermined = choose_sizes(cosine, sizes)
     cal = Calibration(machine=config["machine"], padding=config["padding"], candidate_sizes=sizes,
                       times=record.times, alpha_bars=record.alpha_bars, chosen=chosen, cosine=cosine, best=best,
-                      undetermined=undetermined, machine_options=config["machine_options"], run_dir=run.path)
+                      undetermined=undetermined, machine_options=config["machine_options"], run_dir=run.path,
+                      seeds=list(config["seeds"]))
     run.save_arrays("calibration", replace=True, sizes=np.asarray(sizes), times=np.asarray(cal.times),
                     alpha_bars=np.asarray(cal.alpha_bars), chosen=np.asarray(chosen), cosine=cosine, best=best,
                     undetermined=np.asarray(undetermined, dtype=np.int64))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,20 @@ def resolve_patch_schedule(schedule_from: Any, schedule: str = "cosine") -> Patc
     return calibrated_patch_schedule(sizes, schedule)
 
 
+def warn_if_calibrated_on(schedule_from: Any, seeds: Sequence[int]) -> None:
+    """Warn when the schedule was calibrated on some of the seeds it now predicts (an in-sample fit; the
+    paper calibrates on held-out trajectories, and `scorefield predict` holds its calibration seeds out)."""
+    if isinstance(schedule_from, (str, Path)):
+        schedule_from = Calibration.load(schedule_from)
+    if not isinstance(schedule_from, Calibration):
+        return
+    shared = sorted(set(schedule_from.seeds) & set(int(s) for s in seeds))
+    if shared:
+        warnings.warn(f"the schedule was calibrated on {len(shared)} of the predicted seeds ({shared[:5]}"
+                      f"{' …' if len(shared) > 5 else ''}): those samples are fitted, not predicted; calibrate "
+                      f"on other seeds (e.g. seeds=range(100_000, 100_032))", stacklevel=3)
+
+
 def _build_theory(theory: str | Denoiser, data: ImageSet, padding: str, patch: Any,
                   options: dict[str, Any]) -> tuple[str, Denoiser]:
     if isinstance(theory, Denoiser):
@@ -110,6 +125,7 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     if not seeds or steps < 1 or not theories or (network_steps is not None and network_steps < 1):
         raise ModelConfigError(f"need seeds, steps ≥ 1, network_steps ≥ 1 and theories; got {len(seeds)} seeds, "
                                f"{steps} steps, network_steps {network_steps}, theories {theories}")
+    warn_if_calibrated_on(schedule_from, seeds)
     patch = resolve_patch_schedule(schedule_from, schedule)
     theory_options = dict(theory_options or {})
     built = [_build_theory(t, data, padding, patch, matched_conditioning(
