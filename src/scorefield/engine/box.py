@@ -234,6 +234,21 @@ def _key_coordinates(flat: Tensor, h: int, w: int) -> Tensor:
     return torch.stack([flat // (h * w), (flat // w) % h, flat % w], dim=-1)
 
 
+def check_pair_shapes(x: Tensor, images: Tensor) -> None:
+    """Noisy images x [B, C, H, W] and training images [N, C, H, W] of the same image shape, or ValueError."""
+    if x.ndim != 4 or images.ndim != 4 or tuple(x.shape[1:]) != tuple(images.shape[1:]):
+        raise ValueError(f"x {tuple(x.shape)} and images {tuple(images.shape)} must be [B|N, C, H, W] alike")
+
+
+def float64_inputs(alpha_bar: float | Tensor, log_weights: Tensor | None, b: int,
+                   n: int) -> tuple[Tensor, Tensor]:
+    """ᾱ (a scalar or [B]) as float64 [B], and the per-image log-weights as float64 [N] (zeros when None)."""
+    ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(b)
+    logw = torch.zeros(n, dtype=torch.float64) if log_weights is None \
+        else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
+    return ab, logw
+
+
 def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_size: int, *,
                   log_weights: Tensor | None = None, tolerance: float = DEFAULT_TOLERANCE,
                   provenance: bool = False, chunk_images: int | None = None,
@@ -246,8 +261,7 @@ def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_si
     pixel value; None: off) are merged into one key with their multiplicity (exact), so they are not folded one
     by one; `constant` passes them precomputed (`constant_keys`). Raises RuntimeError when the library is not
     available."""
-    if x.ndim != 4 or images.ndim != 4 or tuple(x.shape[1:]) != tuple(images.shape[1:]):
-        raise ValueError(f"x {tuple(x.shape)} and images {tuple(images.shape)} must be [B|N, C, H, W] alike")
+    check_pair_shapes(x, images)
     if not covers(tuple(images.shape), patch_size):
         raise ValueError(f"the box-sum kernel needs an odd P ≤ min(H, W) and W ≤ {MAX_WIDTH}; got P={patch_size} "
                          f"for images {tuple(images.shape[1:])}")
@@ -255,9 +269,7 @@ def box_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, patch_si
         raise RuntimeError("the compiled box-sum kernel is not available (see the warning above)")
     b, _, h, w = x.shape
     n = images.shape[0]
-    ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(b)
-    logw = torch.zeros(n, dtype=torch.float64) if log_weights is None \
-        else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
+    ab, logw = float64_inputs(alpha_bar, log_weights, b, n)
     threshold = threshold_for(n * h * w, tolerance)
     show = progress if progress is not None else (b * n * (h * w) ** 2 > 4 * CHUNK_PAIRS
                                                   and engine_progress.enabled())

@@ -182,8 +182,7 @@ def multisize_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, pa
     the zero-padded patches of each query pixel's border class at each size (eq. 41). The exp of key groups more
     than threshold_for(N·H·W, tolerance) below a (pixel, size)'s running max is skipped (certified bound in the
     result). Raises RuntimeError when the library is not available."""
-    if x.ndim != 4 or images.ndim != 4 or tuple(x.shape[1:]) != tuple(images.shape[1:]):
-        raise ValueError(f"x {tuple(x.shape)} and images {tuple(images.shape)} must be [B|N, C, H, W] alike")
+    box.check_pair_shapes(x, images)
     sizes = check_sizes(patch_sizes)
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
@@ -195,9 +194,7 @@ def multisize_posterior(x: Tensor, alpha_bar: Tensor | float, images: Tensor, pa
         raise RuntimeError("the compiled multi-size kernel is not available (see the warning above)")
     b, _, h, w = x.shape
     n = images.shape[0]
-    ab = torch.as_tensor(alpha_bar, dtype=torch.float64).reshape(-1).expand(b)
-    logw = torch.zeros(n, dtype=torch.float64) if log_weights is None \
-        else torch.as_tensor(log_weights, dtype=torch.float64).reshape(n)
+    ab, logw = box.float64_inputs(alpha_bar, log_weights, b, n)
     threshold = box.threshold_for(n * h * w, tolerance)
     show = progress if progress is not None else (len(sizes) * b * n * (h * w) ** 2 > 4 * box.CHUNK_PAIRS
                                                   and engine_progress.enabled())

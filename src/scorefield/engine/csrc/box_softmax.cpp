@@ -30,21 +30,18 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "lse_state.h"
 #include "simd.h"
 
 namespace {
 
 using namespace sf_simd;
 
-
 inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
 // i mod n for i in [−n, 2n), without a division (the hot loops' indices all lie there)
 inline int64_t wrap1(int64_t i, int64_t n) { return i < 0 ? i + n : (i >= n ? i - n : i); }
 
-// Inside the kernel logits are in log2 units (ℓ·log2 e, so that a weight is 2^(ℓ₂ − m₂) with an exact
-// subtraction near the max); the caller's state and threshold are in natural units.
-constexpr double kLog2eD = 1.4426950408889634;
-
+// Logits are in log2 units inside the kernel, the caller's state in natural units (lse_state.h).
 // Per query pixel of every sample: the running max m (log2 units), weight sum l and weighted sum acc (relative
 // to 2^m) of the keys this thread folded, the arg-max key, and the skip floor: a key whose logit lies below it
 // weighs less than tol/K of the pixel's total mass (K keys per pixel), because floor ≤ log2(mass known so far)
@@ -58,7 +55,7 @@ struct State {
   State(int64_t nq, int64_t C, const double* m0, const double* l0, float threshold)
       : m(nq, -INFINITY), floor(nq), l(nq, 0.0), acc(nq * C, 0.0), best(nq, -1) {
     for (int64_t q = 0; q < nq; ++q)
-      floor[q] = l0[q] > 0.0 ? static_cast<float>((m0[q] + std::log(l0[q]) - threshold) * kLog2eD) : -INFINITY;
+      floor[q] = sf_lse::skip_floor(m0[q], l0[q], threshold);
   }
 };
 
@@ -323,22 +320,6 @@ void fold_shift(const float* query, float sigma, float sigma_a, float coef, floa
   f.skipped += g.H * g.W * (PAIR ? g.L : g.W) - folded;
 }
 
-void merge(const State& st, int64_t nq, int64_t C, double* m, double* l, double* acc, int64_t* best) {
-  for (int64_t q = 0; q < nq; ++q) {
-    if (!(st.l[q] > 0.0)) continue;
-    const double mt = st.m[q] / kLog2eD;  // back to natural units
-    if (mt > m[q]) {
-      const double scale = std::exp(m[q] - mt);  // 0 when m is -inf
-      l[q] *= scale;
-      for (int64_t c = 0; c < C; ++c) acc[q * C + c] *= scale;
-      m[q] = mt;
-      if (best) best[q] = st.best[q];
-    }
-    const double w = std::exp(mt - m[q]);
-    l[q] += w * st.l[q];
-    for (int64_t c = 0; c < C; ++c) acc[q * C + c] += w * st.acc[q * C + c];
-  }
-}
 
 }  // namespace
 
@@ -416,7 +397,7 @@ int sf_box_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W, int6
 #pragma omp critical
 #endif
     {
-      merge(st, nq, C, m, l, acc, best);
+      sf_lse::merge_state(st.m.data(), st.l.data(), st.acc.data(), st.best.data(), nq, C, m, l, acc, best);
       counts[0] += st.folded;
       counts[1] += st.skipped;
     }

@@ -25,6 +25,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "lse_state.h"
 #include "simd.h"
 
 namespace {
@@ -33,7 +34,6 @@ using namespace sf_simd;
 
 typedef uint32_t v8u __attribute__((vector_size(32)));
 
-constexpr double kLog2eD = 1.4426950408889634;
 constexpr int64_t kMaxSizes = 64;
 
 inline int64_t wrap(int64_t i, int64_t n) { return ((i % n) + n) % n; }
@@ -90,7 +90,7 @@ struct State {
   State(int64_t nqs, int64_t C, int64_t S, const double* m0, const double* l0, float threshold)
       : m(nqs, -INFINITY), floor(nqs), l(nqs, 0.0), acc(nqs * C, 0.0), folded(S, 0), skipped(S, 0) {
     for (int64_t i = 0; i < nqs; ++i)
-      floor[i] = l0[i] > 0.0 ? static_cast<float>((m0[i] + std::log(l0[i]) - threshold) * kLog2eD) : -INFINITY;
+      floor[i] = sf_lse::skip_floor(m0[i], l0[i], threshold);
   }
 };
 
@@ -301,21 +301,6 @@ void flush_sums(const Geometry& g, float threshold, int64_t q0, int64_t nq, Stat
     }
 }
 
-void merge(const State& st, int64_t nqs, int64_t C, double* m, double* l, double* acc) {
-  for (int64_t i = 0; i < nqs; ++i) {
-    if (!(st.l[i] > 0.0)) continue;
-    const double mt = st.m[i] / kLog2eD;  // back to natural units
-    if (mt > m[i]) {
-      const double scale = std::exp(m[i] - mt);  // 0 when m is -inf
-      l[i] *= scale;
-      for (int64_t c = 0; c < C; ++c) acc[i * C + c] *= scale;
-      m[i] = mt;
-    }
-    const double w = std::exp(mt - m[i]);
-    l[i] += w * st.l[i];
-    for (int64_t c = 0; c < C; ++c) acc[i * C + c] += w * st.acc[i * C + c];
-  }
-}
 
 }  // namespace
 
@@ -385,7 +370,7 @@ int sf_multisize_posterior(int64_t B, int64_t N, int64_t C, int64_t H, int64_t W
 #pragma omp critical
 #endif
     {
-      merge(st, nqs, C, m, l, acc);
+      sf_lse::merge_state(st.m.data(), st.l.data(), st.acc.data(), nullptr, nqs, C, m, l, acc, nullptr);
       for (int64_t k = 0; k < S; ++k) {
         counts[2 * k] += st.folded[k];
         counts[2 * k + 1] += st.skipped[k];
