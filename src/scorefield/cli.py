@@ -15,7 +15,7 @@ from .options import closest
 
 # commands whose run directories resume with --resume RUN
 RESUMABLE = ("sample", "train", "calibrate", "predict", "information", "criticality", "guidance-pulses",
-             "compare-processes")
+             "compare-processes", "paper-run")
 
 
 class Parser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ from .sample_run import SampleConfig, run_sampling
 __all__ = ["Calibration", "PredictResult", "SampleConfig", "calibrate", "criticality_run", "information_run",
            "predict", "run_sampling"]
 
-LAZY_SUBMODULES = ("guidance_pulses", "process_comparison", "networks", "engine_log")
+LAZY_SUBMODULES = ("guidance_pulses", "process_comparison", "networks", "engine_log", "paper_runs")
 
 
 def __getattr__(name: str):
