@@ -67,3 +67,21 @@ def test_resnet_trains_a_step_on_cuda(tmp_path):
     result = sf.training.train(net, small_data(), steps=2, batch_size=4, device="cuda", out=tmp_path,
                                progress=False)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+
+
+def test_calibration_and_prediction_on_cuda_match_cpu(tmp_path):
+    """`calibrate(device='cuda')` / `predict(device='cuda')`: the network and machines on the GPU, the same
+    schedule and the same samples (≤ 1e-3) as on the CPU."""
+    data = small_data()
+    results = {}
+    for device in ("cpu", "cuda"):
+        net = sf.models.make("bbels", data, patch_size=[3, 3, 5, 5], padding="zeros")
+        cal = sf.experiments.calibrate(net, data, patch_sizes=[3, 5], seeds=range(100, 103), steps=4,
+                                       out=tmp_path / device, progress=False, device=device)
+        res = sf.experiments.predict(net, data, theories=["is", "bbels"], schedule_from=cal, seeds=range(3), steps=4,
+                                     out=tmp_path / device, progress=False, device=device)
+        results[device] = (cal.patch_sizes, res.samples)
+    assert results["cpu"][0] == results["cuda"][0]
+    for name, cpu in results["cpu"][1].items():
+        assert results["cuda"][1][name].device.type == "cpu"            # saved and returned from the CPU
+        torch.testing.assert_close(results["cuda"][1][name], cpu, rtol=0, atol=1e-3)

@@ -235,6 +235,26 @@ def test_calibration_seeds_are_kept_out_of_the_predicted_seeds(digits, known_net
     assert set(tmp_path.iterdir()) == before                  # refused before any run directory
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_device_that_is_not_there_is_refused_before_a_run_directory_exists(digits, known_network, tmp_path,
+                                                                             capsys):
+    from scorefield.experiments.networks import run_device
+
+    assert run_device(known_network, None) == torch.device("cpu")          # a machine: no parameters
+    net = sf.models.make("resnet", digits, preset="tiny")
+    assert run_device(net, None) == torch.device("cpu") and run_device(net, "cpu") == torch.device("cpu")
+    with pytest.raises(sf.models.ModelConfigError, match="no CUDA device"):
+        sf.experiments.calibrate(known_network, digits, patch_sizes=[3, 5], seeds=range(2), steps=3, out=tmp_path,
+                                 device="cuda")
+    with pytest.raises(sf.models.ModelConfigError, match="no CUDA device"):
+        sf.experiments.predict(known_network, digits, theories=["is"], seeds=range(2), steps=3, out=tmp_path,
+                               device="cuda")
+    assert list(tmp_path.iterdir()) == []
+    assert main(["predict", "--model", "ls", "--patch", "5", "--data", "digits", "--subset", "20", "--steps", "3",
+                 "--seeds", "2", "--theories", "is", "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+
 def test_the_network_can_take_its_own_step_count_from_the_same_noise(digits, tmp_path, capsys):
     """kamb-ganguli App. B: the CNN sampled with 150 steps against 20-step theories; here 9 against 4."""
     net = sf.models.make("ls", digits, patch_size=5, padding="zeros")

@@ -32,6 +32,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--schedule", default="cosine", choices=sorted(SCHEDULES), help="noise schedule")
     g.add_argument("--no-clip", action="store_true", help="do not clip x̂₀ to [-1, 1] in the sampler")
     g.add_argument("--labels", default=None, help="comma-separated class labels (conditional networks)")
+    g.add_argument("--device", default=None, help="where the network and the machines run: cpu | cuda "
+                   "(default cpu)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
     o.add_argument("--name", default=None, help="run directory name")

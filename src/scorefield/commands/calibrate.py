@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                     steps=args.steps, schedule=args.schedule, sampler=args.sampler,
                     labels=labels_of(args), clip_x0=not args.no_clip, out=args.out, name=args.name,
                     resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec,
-                    shard=args.shard)
+                    shard=args.shard, device=args.device)
     if not writer():
         return 0
     print(f"calibrated {cal.machine} patch sizes (lowest noise first): {','.join(map(str, cal.patch_sizes))}")

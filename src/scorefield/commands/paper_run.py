@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="store_true", help="list the rows, the paper's numbers and their commands")
     p.add_argument("--root", default=None, help="folder of the dataset's files (FashionMNIST IDX, CIFAR-10 "
                    "python batches, or a folder of CelebA images); not for the bundled MNIST")
-    p.add_argument("--device", default=None, help="where the network trains: cpu | cuda (default: cuda if "
-                   "available); calibration and prediction run on the CPU")
+    p.add_argument("--device", default=None, help="where the network trains, calibrates and predicts: cpu | "
+                   "cuda (default: cuda if available)")
     s = p.add_argument_group("small-run overrides (default: the paper's setup)")
     s.add_argument("--subset", type=int, default=None, help="training images (default: the full training split)")
     s.add_argument("--train-steps", type=int, default=None, help="training steps instead of 300 epochs")

@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
                         steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=None,
                         clip_x0=not args.no_clip, out=args.out, name=None if args.name is None else
                         f"{args.name}-calibration", progress=not args.no_progress, network_spec=net_spec,
-                        data_spec=data_spec, resume=resume_calibration, shard=args.shard)
+                        data_spec=data_spec, resume=resume_calibration, shard=args.shard, device=args.device)
         schedule_from, cal_run = cal, str(Path(cal.run_dir).resolve())
         print(f"calibrated {cal.machine} (lowest noise first): {','.join(map(str, cal.patch_sizes))}  "
               f"[{cal.run_dir}]")
@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                   steps=args.steps, schedule=args.schedule, sampler=args.sampler, labels=labels_of(args),
                   clip_x0=not args.no_clip, theory_options=theory_options, out=args.out, name=args.name,
                   resume=args.resume, progress=not args.no_progress, network_spec=net_spec, data_spec=data_spec,
-                  calibration_run=cal_run, shard=args.shard, network_steps=args.network_steps)
+                  calibration_run=cal_run, shard=args.shard, network_steps=args.network_steps,
+                  device=args.device)
     if not writer():
         return 0
     cols = [c for c in res.table[0] if c not in ("r2_q25", "r2_q75", "pearson_q25", "pearson_q75")]

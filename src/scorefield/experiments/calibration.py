@@ -36,7 +36,7 @@ from ..models.machines import PatchSchedule
 from ..runs import RunDir, RunError
 from ..sampling import initial_noise, sample
 from . import engine_log
-from .networks import denoiser_padding, describe_denoiser, matched_conditioning, resolve_labels
+from .networks import denoiser_padding, describe_denoiser, matched_conditioning, resolve_labels, run_device
 
 PATCH_MACHINES = ("ls", "els", "bbels")
 TIE_TOLERANCE = 1e-7      # candidate cosines closer than this (for one sample) do not pick a size
@@ -144,7 +144,7 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
               machine_options: dict[str, Any] | None = None, out: str | Path = "runs", name: str | None = None,
               resume: str | Path | None = None, progress: bool = True,
               network_spec: dict[str, Any] | None = None, data_spec: dict[str, Any] | None = None,
-              shard: str = "seeds") -> Calibration:
+              shard: str = "seeds", device: str | torch.device | None = None) -> Calibration:
     """Calibrate `machine` ('bbels' for zero padding, 'els' for circular by default; or 'ls') against
     `network` on the bank `data`; writes a run directory and returns the `Calibration`.
 
@@ -154,7 +154,8 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
     clip x̂₀ to [−1, 1] in the sampler (see `sf.sampling.clipped`); padding: the machine's (default the
     network's); resume: an interrupted calibration run directory (finished steps are kept); shard: under
     torchrun, 'seeds' (each rank runs a contiguous share of the seeds, rank 0 gathers every step) or 'bank'
-    (every rank runs every seed, the machines' training images split over the ranks; `scorefield.distributed`).
+    (every rank runs every seed, the machines' training images split over the ranks; `scorefield.distributed`);
+    device: where the network and the machines run (default the network's device; `networks.run_device`).
     """
     padding = padding or denoiser_padding(network)
     machine = machine or ("els" if padding == "circular" else "bbels")
@@ -173,14 +174,15 @@ def calibrate(network: Denoiser, data: ImageSet, machine: str | None = None,
     # build everything that can refuse the input before a run directory exists
     machines = {p: make(machine, data, patch_size=p, padding=padding, **machine_options) for p in sizes}
     label_tensor = resolve_labels(network, labels, len(seeds), data)
+    dev = run_device(network, device)
     if distributed.check_shard(shard) == "bank":
         for m in machines.values():
             distributed.shard_bank(m)
     mine = (distributed.split_positions(len(seeds), what="calibration seeds") if shard == "seeds"
             else list(range(len(seeds))))
     run = distributed.shared_run(lambda: _open_run(resume, config, out, name))
-    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)[mine]
-    labels_mine = None if label_tensor is None else label_tensor[mine]
+    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)[mine].to(dev)
+    labels_mine = None if label_tensor is None else label_tensor[mine].to(dev)
     record = _StepRecorder(run, machines, labels_mine, steps, progress, gather=shard == "seeds")
     tic = time.perf_counter()
     sample(network, noise, steps=steps, sampler=sampler, schedule=schedule, labels=labels_mine,

@@ -18,13 +18,13 @@ root)` reproduces the row in one run directory, stage by stage, each stage in it
                     samples beating IS, and the paper's number beside them
     stages.json     which stages are finished (and their headline numbers)
 
-The full configurations are meant for a GPU: `device="cuda"` trains the network there (a paper-width network
-over 300 epochs of CIFAR-10 is days of CPU time). Calibration and prediction then run the trained network and
-the machines where `sf.experiments.calibrate` / `predict` run them, on the device of their initial noise (the
-CPU). Small overrides (`subset`, `steps`, `batch_size`, `width` / `channels`, `seeds`, `cal_seeds`, `sizes`,
-`sampler_steps`) make a run fit a CPU; they are recorded in the run's config.json, and a resume with different
-ones is refused. MNIST and FashionMNIST are padded to 32×32 (App. C.1 speaks of "the 32 × 32 images we
-consider"); CelebA is any folder of face images, centre-cropped and resized to 32×32.
+The full configurations are meant for a GPU: `device="cuda"` (the default when torch sees one) trains the
+network, calibrates and predicts there (a paper-width network over 300 epochs of CIFAR-10 is days of CPU time;
+the machines follow the network's trajectories onto the device). Small overrides (`subset`, `steps`,
+`batch_size`, `width` / `channels`, `seeds`, `cal_seeds`, `sizes`, `sampler_steps`) make a run fit a CPU;
+they are recorded in the run's config.json, and a resume with different ones is refused. MNIST and
+FashionMNIST are padded to 32×32 (App. C.1 speaks of "the 32 × 32 images we consider"); CelebA is any
+folder of face images, centre-cropped and resized to 32×32.
 
 An interrupted run continues with `resume=run_dir`: finished stages are kept, and the unfinished one resumes
 where it stopped (training from its last checkpoint, calibration from its last finished step, prediction from
@@ -249,8 +249,7 @@ def paper_run(name: str, root: str | Path | None = None, *, out: str | Path = "r
     root: the folder of the dataset's files (FashionMNIST IDX, CIFAR-10 python batches, or a folder of CelebA
     images; not for MNIST, which ships with the toolkit); out / run_name: where the run directory goes; resume: an
     interrupted (or finished) paper run to continue (name, root and overrides default to its saved ones; ones
-    given must agree); device: where the network trains ('cuda' on a GPU; default cuda if available; the
-    trained network is moved to the CPU for calibration and prediction);
+    given must agree); device: where the network trains, calibrates and predicts (default cuda if available);
     overrides: subset (training images), steps (training steps instead of 300 epochs), batch_size, width /
     channels (network size), seeds (predicted samples, default 100), cal_seeds (default 32), sizes (candidate
     patch sizes, default 3…27), sampler_steps (the theories' and calibration's DDIM steps, default 20).
@@ -312,8 +311,9 @@ def _stages(run: RunDir, config: dict[str, Any], data: Any, device: str | None, 
     spec = dict(config["data"])
     data = sf.data.load(**spec) if data is None else data
     network = _train(run, config, data, spec, device, progress, stages)
-    cal = _calibrate(run, config, network, data, spec, progress, stages)
-    tables = {table: _predict(run, config, network, data, spec, cal, table, progress, stages)
+    where = _where(device)
+    cal = _calibrate(run, config, network, data, spec, where, progress, stages)
+    tables = {table: _predict(run, config, network, data, spec, cal, table, where, progress, stages)
               for table in NETWORK_STEPS}
     rows = comparison_rows(config, tables)
     run.save_table("paper_comparison", rows, replace=True, title=_title(config))
@@ -340,8 +340,8 @@ def _fresh(run: RunDir, sub: str) -> Path | None:
 
 def _train(run: RunDir, config: dict[str, Any], data: Any, spec: dict[str, Any], device: str | None,
            progress: bool, stages: dict[str, Any]) -> Any:
-    """The trained network (on the CPU, where calibration and prediction run it): train/ read back when
-    finished, else trained (or resumed from its last checkpoint) there."""
+    """The trained network (returned on the CPU; calibration and prediction move it to their device): train/
+    read back when finished, else trained (or resumed from its last checkpoint) there."""
     import torch
 
     import scorefield as sf
@@ -362,8 +362,15 @@ def _train(run: RunDir, config: dict[str, Any], data: Any, spec: dict[str, Any],
     return result.model.to("cpu").eval()
 
 
-def _calibrate(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec: dict[str, Any], progress: bool,
-               stages: dict[str, Any]) -> Any:
+def _where(device: str | None) -> str:
+    """The device of calibration and prediction: `device`, or CUDA when there is one (as training picks)."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _calibrate(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec: dict[str, Any], device: str,
+               progress: bool, stages: dict[str, Any]) -> Any:
     from .calibration import Calibration, calibrate
 
     folder = run.path / "calibrate"
@@ -375,13 +382,14 @@ def _calibrate(run: RunDir, config: dict[str, Any], network: Any, data: Any, spe
     tic = time.perf_counter()
     cal = calibrate(network, data, machine=config["machine"], patch_sizes=config["sizes"], seeds=seeds,
                     steps=config["sampler_steps"], out=run.path, name="calibrate", resume=_fresh(run, "calibrate"),
-                    progress=progress, network_spec={"run": str(run.path / "train")}, data_spec=spec)
+                    progress=progress, network_spec={"run": str(run.path / "train")}, data_spec=spec,
+                    device=device)
     _done(run, stages, "calibrate", {"patch_sizes": cal.patch_sizes, "seconds": round(time.perf_counter() - tic, 1)})
     return cal
 
 
 def _predict(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec: dict[str, Any], cal: Any,
-             table: str, progress: bool, stages: dict[str, Any]) -> list[dict[str, Any]]:
+             table: str, device: str, progress: bool, stages: dict[str, Any]) -> list[dict[str, Any]]:
     """The agreement table of one paper table: the network sampled with NETWORK_STEPS[table] steps, the
     theories with sampler_steps."""
     from .prediction import predict
@@ -394,7 +402,7 @@ def _predict(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec:
         predict(network, data, theories=["is", "ls", config["machine"]], schedule_from=cal,
                 seeds=range(config["seeds"]), steps=config["sampler_steps"], network_steps=steps, out=run.path,
                 name=sub, resume=_fresh(run, sub), progress=progress, network_spec={"run": str(run.path / "train")},
-                data_spec=spec, calibration_run=str(run.path / "calibrate"))
+                data_spec=spec, calibration_run=str(run.path / "calibrate"), device=device)
         _done(run, stages, stage, {"folder": sub, "seconds": round(time.perf_counter() - tic, 1)})
     stages.setdefault(stage, {"folder": sub})
     return read_csv(run.path / sub / "agreement.csv")

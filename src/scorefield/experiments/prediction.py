@@ -38,7 +38,7 @@ from ..runs import RunDir, RunError, jsonable
 from ..sampling import initial_noise, sample
 from . import engine_log
 from .calibration import PATCH_MACHINES, Calibration
-from .networks import denoiser_padding, describe_denoiser, matched_conditioning, resolve_labels
+from .networks import denoiser_padding, describe_denoiser, matched_conditioning, resolve_labels, run_device
 
 NETWORK = "network"
 PAGE = 16
@@ -106,7 +106,8 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
             out: str | Path = "runs", name: str | None = None, resume: str | Path | None = None,
             progress: bool = True, network_spec: dict[str, Any] | None = None,
             data_spec: dict[str, Any] | None = None, calibration_run: str | None = None,
-            shard: str = "seeds", network_steps: int | None = None) -> PredictResult:
+            shard: str = "seeds", network_steps: int | None = None,
+            device: str | torch.device | None = None) -> PredictResult:
     """Sample `network` and each theory from the same seeds and score every theory against the network.
 
     theories: registry names or Denoiser objects (default IS, LS and bbELS or ELS by the network's padding);
@@ -117,7 +118,8 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     gathers and writes them) or 'bank' (the machines' training images split over the ranks);
     network_steps: sampler steps of the network alone (default `steps`), from the same initial noise on the same
     schedule. kamb-ganguli (App. B) sample the theories with 20 steps and the CNN with 20 and with 150, and
-    find that the 150-step network matches the 20-step theories better.
+    find that the 150-step network matches the 20-step theories better. device: where the network and the
+    theories sample (default the network's device; `networks.run_device`); samples are saved from the CPU.
     """
     padding = padding or denoiser_padding(network)
     theories = list(theories) if theories is not None else default_theories(padding)
@@ -134,6 +136,9 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     if len(set(names)) != len(names) or NETWORK in names:
         raise ModelConfigError(f"theory names must be distinct and not '{NETWORK}', got {names}")
     label_tensor = resolve_labels(network, labels, len(seeds), data)
+    dev = run_device(network, device)
+    if label_tensor is not None:
+        label_tensor = label_tensor.to(dev)
     if distributed.check_shard(shard) == "bank":
         built = [(n, distributed.shard_bank(m) if distributed.bank_splittable(m) else m) for n, m in built]
     config = {"network": network_spec or describe_denoiser(network), "theories": {
@@ -143,7 +148,7 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
         "labels": None if label_tensor is None else label_tensor.tolist(), "calibration_run": calibration_run,
         "data": data_spec or {"name": data.name, "n": len(data)}}
     run = distributed.shared_run(lambda: _open_run(resume, config, out, name))
-    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds)
+    noise = initial_noise(len(seeds), (data.channels, data.height, data.width), seeds=seeds).to(dev)
     samples: dict[str, torch.Tensor] = {}
     for label, model in tqdm([(NETWORK, network), *built], desc="predict", unit="denoiser", disable=not progress):
         n_steps = network_steps if label == NETWORK and network_steps is not None else steps
@@ -191,7 +196,7 @@ def _samples_of(run: RunDir, label: str, model: Denoiser, noise: torch.Tensor, s
         sl = slice(mine[start], mine[min(start + batch_size, len(mine)) - 1] + 1)
         parts.append(sample(model, noise[sl], labels=None if labels is None else labels[sl], seeds=seeds[sl],
                             **sampling))
-    done = [(torch.cat(parts), distributed.drain_engine_log(model))]
+    done = [(torch.cat(parts).cpu(), distributed.drain_engine_log(model))]
     done = distributed.gather_objects(done[0]) if split else done
     if not distributed.is_writer():
         return None
