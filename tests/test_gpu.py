@@ -85,3 +85,16 @@ def test_calibration_and_prediction_on_cuda_match_cpu(tmp_path):
     for name, cpu in results["cpu"][1].items():
         assert results["cuda"][1][name].device.type == "cpu"            # saved and returned from the CPU
         torch.testing.assert_close(results["cuda"][1][name], cpu, rtol=0, atol=1e-3)
+
+
+def test_sampling_runs_on_cuda_match_cpu(tmp_path):
+    """`run_sampling(device='cuda')` / `scorefield sample --device cuda`: the files of a CPU run (≤ 1e-4)."""
+    from scorefield.cli import main
+    from scorefield.runs import RunDir
+
+    common = ["sample", "--model", "els", "--model-opt", "patch_size=3", "--data", "digits", "--subset", "30",
+              "--n", "4", "--steps", "5", "--out", str(tmp_path), "--no-progress"]
+    assert main([*common, "--name", "cpu"]) == 0 and main([*common, "--name", "gpu", "--device", "cuda"]) == 0
+    cpu = RunDir.open(tmp_path / "cpu").load_arrays("samples")["samples"]
+    gpu = RunDir.open(tmp_path / "gpu").load_arrays("samples")["samples"]
+    assert abs(cpu - gpu).max() <= 1e-4

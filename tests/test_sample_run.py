@@ -61,3 +61,18 @@ def test_trajectories_are_saved_per_step(tmp_path):
     batch = run.load_arrays("batches/batch-0000.npz")
     assert batch["trajectory_x"].shape == (2, 3, 1, 8, 8) and batch["trajectory_x0_hat"].shape == (2, 3, 1, 8, 8)
     np.testing.assert_allclose(batch["trajectory_x"][:, 0], batch["noise"], atol=0)   # step 0 is the noise
+
+
+def test_a_device_is_used_or_refused_before_the_run_directory(tmp_path, capsys):
+    import torch
+
+    base = sr.run_sampling(cfg(), root=tmp_path, name="default", progress=False)
+    on_cpu = sr.run_sampling(cfg(), root=tmp_path, name="cpu", progress=False, device="cpu")
+    assert np.array_equal(base.load_arrays("samples")["samples"], on_cpu.load_arrays("samples")["samples"])
+    if torch.cuda.is_available():
+        return                                            # the refusal below needs a machine without CUDA
+    before = set(tmp_path.iterdir())
+    assert main(["sample", "--model", "gaussian", "--data", "digits", "--subset", "20", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path), "--device", "cuda", "--no-progress"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err and set(tmp_path.iterdir()) == before
+

@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--eta", type=float, default=None, help="DDIM stochasticity η (default 0)")
     g.add_argument("--sampler-opt", action="append", metavar="KEY=VALUE", help="any other sampler option")
     g.add_argument("--seed", type=int, default=0, help="sample i uses seed + i (default 0)")
+    g.add_argument("--device", default=None, help="where the model samples: cpu | cuda (default cpu)")
     g.add_argument("--labels", default=None, help="comma-separated class labels for a conditional model")
     g.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance x̂₀(∅) + W·(x̂₀(y) − x̂₀(∅)); needs a conditional model "
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None and cfg.data_options == {"split": "train", "seed": 0}:
         cfg.data_options = {}                     # the CLI's defaults: not a request to change the saved run
     run_dir = run_sampling(cfg, root=args.out, name=args.name, resume=args.resume, progress=not args.no_progress,
-                           shard=args.shard)
+                           shard=args.shard, device=args.device)
     if not writer():
         return 0
     summary = run_dir.read_json("summary.json")

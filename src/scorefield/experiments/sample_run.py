@@ -28,6 +28,7 @@ from ..runs import RunDir, RunError
 from ..sampling import SAMPLER_CALL_ARGUMENTS, SAMPLERS, WINDOW_VARIABLES, Guidance, default_grid, initial_noise, sample
 from ..schedules import get_schedule
 from . import engine_log
+from .networks import run_device
 
 
 @dataclass
@@ -191,7 +192,8 @@ def _check_labels(labels: torch.Tensor, data: sf_data.ImageSet) -> torch.Tensor:
 
 
 def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", name: str | None = None,
-                 resume: str | Path | None = None, progress: bool = True, shard: str = "seeds") -> RunDir:
+                 resume: str | Path | None = None, progress: bool = True, shard: str = "seeds",
+                 device: str | torch.device | None = None) -> RunDir:
     """Sample `cfg.n` images with `cfg.model` trained on / built from `cfg.data`; returns the run directory.
 
     Everything is checked (names, option keys, ranges, labels against the model, memory) before the run
@@ -199,7 +201,8 @@ def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", nam
     finished batches are kept. A `cfg` given with `resume` must agree with the saved one in every field it
     sets away from the defaults (`resume_differences`); a difference is refused with the list.
     shard: under torchrun, 'seeds' (whole batches dealt to the ranks; the files are those of one process) or
-    'bank' (every rank holds a shard of the machine's training images; `scorefield.distributed`).
+    'bank' (every rank holds a shard of the machine's training images; `scorefield.distributed`);
+    device: where the model samples (default its own device; `networks.run_device`); files are saved from the CPU.
     """
     shard = distributed.check_shard(shard)
     if resume is not None:
@@ -222,6 +225,7 @@ def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", nam
     cfg = with_training_data(cfg)
     data = sf_data.load(cfg.data, **cfg.data_options)
     model = build_model(cfg, data)
+    dev = run_device(model, device)
     if shard == "bank":
         distributed.shard_bank(model)
     labels = sample_labels(cfg, data, model)
@@ -251,18 +255,18 @@ def run_sampling(cfg: SampleConfig | None = None, root: str | Path = "runs", nam
         start = starts[b]
         batch_seeds = seeds[start:start + cfg.batch_size]
         noise = initial_noise(len(batch_seeds), image_shape, seeds=batch_seeds)
-        batch_labels = None if labels is None else labels[start:start + cfg.batch_size]
+        batch_labels = None if labels is None else labels[start:start + cfg.batch_size].to(dev)
         recorder = TrajectoryRecorder() if cfg.save_trajectory else None
         tic = time.perf_counter()
-        out = sample(model, noise, steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule,
+        out = sample(model, noise.to(dev), steps=cfg.steps, sampler=cfg.sampler, schedule=cfg.schedule,
                      labels=batch_labels, seeds=batch_seeds, guidance=guidance,
                      callback=recorder, progress=progress, **cfg.sampler_options)
-        arrays: dict[str, Any] = {"samples": out, "seeds": np.array(batch_seeds), "noise": noise}
+        arrays: dict[str, Any] = {"samples": out.cpu(), "seeds": np.array(batch_seeds), "noise": noise}
         if batch_labels is not None:
-            arrays["labels"] = batch_labels
+            arrays["labels"] = batch_labels.cpu()
         if recorder is not None:
-            arrays["trajectory_x"] = torch.stack(recorder.x, 1)      # [b, steps, C, H, W]
-            arrays["trajectory_x0_hat"] = torch.stack(recorder.x0_hat, 1)
+            arrays["trajectory_x"] = torch.stack(recorder.x, 1).cpu()      # [b, steps, C, H, W]
+            arrays["trajectory_x0_hat"] = torch.stack(recorder.x0_hat, 1).cpu()
         return {"arrays": arrays, "engine": distributed.drain_engine_log(model), "n": len(batch_seeds),
                 "seconds": time.perf_counter() - tic}
 
