@@ -34,10 +34,16 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", default=None, help="comma-separated class labels (conditional networks)")
     g.add_argument("--device", default=None, help="where the network and the machines run: cpu | cuda "
                    "(default cpu)")
+    add_output_arguments(p)
+
+
+def add_output_arguments(p: argparse.ArgumentParser, resume_help: str = "finish an interrupted run directory"
+                         ) -> None:
+    """--out, --name, --resume RUN_DIR and --no-progress, in an 'output' group."""
     o = p.add_argument_group("output")
     o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
     o.add_argument("--name", default=None, help="run directory name")
-    o.add_argument("--resume", default=None, metavar="RUN_DIR", help="finish an interrupted run directory")
+    o.add_argument("--resume", default=None, metavar="RUN_DIR", help=resume_help)
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._network import parse_sizes
+from ._network import add_output_arguments, parse_sizes
 
 DESCRIPTION = (
     "Reproduce one convolutional row of kamb-ganguli Tables 1-2 in one run directory, stage by stage: "
@@ -40,11 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--sizes", default=None, help="candidate patch sizes, e.g. 3:27 (default) or 3,5")
     s.add_argument("--sampler-steps", type=int, default=None, help="theory and calibration DDIM steps "
                    "(default 20)")
-    o = p.add_argument_group("output")
-    o.add_argument("--out", default="runs", help="folder for run directories (default runs/)")
-    o.add_argument("--name", default=None, help="run directory name")
-    o.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted paper run")
-    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_output_arguments(p, resume_help="continue an interrupted paper run")
     p.set_defaults(func=run)
 
 
