@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import scorefield as sf
@@ -176,6 +177,9 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         paper_run("mnist-resnet-zeros", out=tmp_path, epochs=3)
     with pytest.raises(PaperRunError, match="sizes must be odd"):
         paper_run("mnist-resnet-zeros", out=tmp_path, sizes=[4])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            paper_run("mnist-resnet-zeros", out=tmp_path, device="cuda")
     assert not list(tmp_path.iterdir())                              # refused before any run directory
     empty = tmp_path / "empty"
     empty.mkdir()

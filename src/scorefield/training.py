@@ -187,7 +187,8 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return cls(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _pick_device(device: str | torch.device | None) -> torch.device:
+def pick_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch.device; None: CUDA when torch sees one, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -297,7 +298,7 @@ def train(model: NetDenoiser, data: ImageSet, run_dir: str | Path | RunDir | Non
     for key, value in (("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 1:
             raise TrainingError(f"{key} (--{key.replace('_', '-')}) must be a positive integer, got {value!r}")
-    dev = _pick_device(device)
+    dev = pick_device(device)
     # without a data_spec the data cannot be reloaded by name (only "dataset" is recorded, not "name")
     spec = data_spec or {"dataset": data.name, "n": len(data), "in_memory": True}
     run = _open_or_create_run(run_dir, out, name, {"model": model.config, "training": asdict(config),

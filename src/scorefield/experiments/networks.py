@@ -57,14 +57,20 @@ def resolve_labels(model: Denoiser, labels: Sequence[int] | None, n: int, data: 
     return None
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device, refusing a CUDA device that torch does not see here."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelConfigError(f"device '{device}' was asked for but torch sees no CUDA device here")
+    return dev
+
+
 def run_device(network: Denoiser, device: str | torch.device | None) -> torch.device:
     """Where an experiment runs: `device` (the network is moved there) or, when None, the network's own device
     (its first parameter or buffer; the CPU for a denoiser with neither). The machines follow their input there
     (`Denoiser` moves its bank on a call from another device)."""
     if device is not None:
-        dev = torch.device(device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ModelConfigError(f"device '{device}' was asked for but torch sees no CUDA device here")
+        dev = check_device(device)
         network.to(dev)
         return dev
     for tensor in (*network.parameters(), *network.buffers()):

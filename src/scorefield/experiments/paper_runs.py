@@ -254,9 +254,13 @@ def paper_run(name: str, root: str | Path | None = None, *, out: str | Path = "r
     channels (network size), seeds (predicted samples, default 100), cal_seeds (default 32), sizes (candidate
     patch sizes, default 3…27), sampler_steps (the theories' and calibration's DDIM steps, default 20).
     """
+    from ..training import pick_device
+    from .networks import check_device
+
+    where = check_device(pick_device(device))            # refused before any run directory exists
     run, config, data = _open(name, root, out, resume, run_name, overrides)
     try:
-        return _stages(run, config, data, device, progress)
+        return _stages(run, config, data, where, progress)
     finally:
         run.release()
 
@@ -302,7 +306,7 @@ def _open(name: str | None, root: str | Path | None, out: str | Path, resume: st
     return run.lock(), config, None
 
 
-def _stages(run: RunDir, config: dict[str, Any], data: Any, device: str | None, progress: bool) -> PaperRunResult:
+def _stages(run: RunDir, config: dict[str, Any], data: Any, device: Any, progress: bool) -> PaperRunResult:
     stages = run.read_json("stages.json") if run.exists("stages.json") else {}
     if "compare" in stages:                                    # finished: read it back, write nothing
         return _result(run, config, stages)
@@ -311,9 +315,8 @@ def _stages(run: RunDir, config: dict[str, Any], data: Any, device: str | None, 
     spec = dict(config["data"])
     data = sf.data.load(**spec) if data is None else data
     network = _train(run, config, data, spec, device, progress, stages)
-    where = _where(device)
-    cal = _calibrate(run, config, network, data, spec, where, progress, stages)
-    tables = {table: _predict(run, config, network, data, spec, cal, table, where, progress, stages)
+    cal = _calibrate(run, config, network, data, spec, device, progress, stages)
+    tables = {table: _predict(run, config, network, data, spec, cal, table, device, progress, stages)
               for table in NETWORK_STEPS}
     rows = comparison_rows(config, tables)
     run.save_table("paper_comparison", rows, replace=True, title=_title(config))
@@ -338,7 +341,7 @@ def _fresh(run: RunDir, sub: str) -> Path | None:
     return None
 
 
-def _train(run: RunDir, config: dict[str, Any], data: Any, spec: dict[str, Any], device: str | None,
+def _train(run: RunDir, config: dict[str, Any], data: Any, spec: dict[str, Any], device: Any,
            progress: bool, stages: dict[str, Any]) -> Any:
     """The trained network (returned on the CPU; calibration and prediction move it to their device): train/
     read back when finished, else trained (or resumed from its last checkpoint) there."""
@@ -362,14 +365,7 @@ def _train(run: RunDir, config: dict[str, Any], data: Any, spec: dict[str, Any],
     return result.model.to("cpu").eval()
 
 
-def _where(device: str | None) -> str:
-    """The device of calibration and prediction: `device`, or CUDA when there is one (as training picks)."""
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _calibrate(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec: dict[str, Any], device: str,
+def _calibrate(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec: dict[str, Any], device: Any,
                progress: bool, stages: dict[str, Any]) -> Any:
     from .calibration import Calibration, calibrate
 
@@ -389,7 +385,7 @@ def _calibrate(run: RunDir, config: dict[str, Any], network: Any, data: Any, spe
 
 
 def _predict(run: RunDir, config: dict[str, Any], network: Any, data: Any, spec: dict[str, Any], cal: Any,
-             table: str, device: str, progress: bool, stages: dict[str, Any]) -> list[dict[str, Any]]:
+             table: str, device: Any, progress: bool, stages: dict[str, Any]) -> list[dict[str, Any]]:
     """The agreement table of one paper table: the network sampled with NETWORK_STEPS[table] steps, the
     theories with sampler_steps."""
     from .prediction import predict

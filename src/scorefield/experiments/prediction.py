@@ -74,8 +74,6 @@ def resolve_patch_schedule(schedule_from: Any, schedule: str = "cosine") -> Patc
 def warn_if_calibrated_on(schedule_from: Any, seeds: Sequence[int]) -> None:
     """Warn when the schedule was calibrated on some of the seeds it now predicts (an in-sample fit; the
     paper calibrates on held-out trajectories, and `scorefield predict` holds its calibration seeds out)."""
-    if isinstance(schedule_from, (str, Path)):
-        schedule_from = Calibration.load(schedule_from)
     if not isinstance(schedule_from, Calibration):
         return
     shared = sorted(set(schedule_from.seeds) & set(int(s) for s in seeds))
@@ -127,6 +125,8 @@ def predict(network: Denoiser, data: ImageSet, theories: Sequence[str | Denoiser
     if not seeds or steps < 1 or not theories or (network_steps is not None and network_steps < 1):
         raise ModelConfigError(f"need seeds, steps ≥ 1, network_steps ≥ 1 and theories; got {len(seeds)} seeds, "
                                f"{steps} steps, network_steps {network_steps}, theories {theories}")
+    if isinstance(schedule_from, (str, Path)):                     # a calibration run directory: read it once
+        schedule_from = Calibration.load(schedule_from)
     warn_if_calibrated_on(schedule_from, seeds)
     patch = resolve_patch_schedule(schedule_from, schedule)
     theory_options = dict(theory_options or {})
