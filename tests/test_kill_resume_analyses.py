@@ -299,3 +299,23 @@ def test_the_resume_hint_names_the_experiment_not_a_run_inside_it(tmp_path):
     assert resume_target([experiment, experiment / "classifier", experiment / "network"]) == experiment
     assert resume_target([cal]) == cal and resume_target([cal, pred]) == pred    # predict calibrates first
     assert resume_target([]) is None
+
+
+PAPER_RUN = ["paper-run", "mnist-resnet-zeros", "--subset", "16", "--train-steps", "2", "--batch-size", "4",
+             "--width", "8", "--seeds", "2", "--cal-seeds", "2", "--sizes", "3,5", "--sampler-steps", "4",
+             "--no-progress"]
+
+
+def test_paper_run_killed_while_calibrating_resumes_to_identical_outputs(tmp_path, one_thread):
+    """kill -9 of `scorefield paper-run` once its network is trained and a calibration step is saved; the resume
+    keeps the trained network and the step, and ends with the outputs of an uninterrupted run."""
+    assert _main([*PAPER_RUN, "--out", str(tmp_path), "--name", "whole"]) == 0
+    run = tmp_path / "cut"
+    cut = _interrupt_when([*PAPER_RUN, "--out", str(tmp_path), "--name", "cut"],
+                          run / "calibrate" / "steps" / "step-001.npz", signal.SIGKILL)
+    assert cut.returncode == -signal.SIGKILL, cut.stderr
+    assert not (run / "paper_comparison.csv").exists()
+    weights = (run / "train" / "model.safetensors").stat().st_mtime_ns
+    assert _main(["paper-run", "--resume", str(run), "--no-progress"]) == 0
+    assert (run / "train" / "model.safetensors").stat().st_mtime_ns == weights        # not trained again
+    assert_same_outputs(tmp_path / "whole", run)
